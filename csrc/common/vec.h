@@ -1,0 +1,54 @@
+#pragma once
+// Float vectors over at::vec for the CPU kernels: load any storage dtype as float lanes, store
+// float lanes back. Partial (tail) variants take a count n < kVecSize.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace gptoss::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVecSize = fVec::size();
+
+template <typename T>
+inline fVec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+template <typename T>
+inline fVec load_f(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p, n);
+  } else {
+    T buf[kVecSize] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+    return load_f(buf);
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, const fVec& v, int64_t n = kVecSize) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, n);
+  }
+}
+
+// Apply f(i, n) over [0, len) in vector steps: n == kVecSize for full steps, n < kVecSize once at
+// the tail.
+template <typename F>
+inline void for_vec(int64_t len, F&& f) {
+  int64_t i = 0;
+  for (; i + kVecSize <= len; i += kVecSize) f(i, kVecSize);
+  if (i < len) f(i, len - i);
+}
+
+}  // namespace gptoss::cpu
