@@ -4,11 +4,12 @@
 per-sequence positions in a ragged batch), gathered from a table that is built once per device
 and grown on demand.
 """
-import math
 from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
+
+from . import reference
 
 
 def yarn_inv_freq(head_dim: int = 64, rope_theta: float = 150000.0, rope_scaling_factor: float = 32.0,
@@ -18,28 +19,11 @@ def yarn_inv_freq(head_dim: int = 64, rope_theta: float = 150000.0, rope_scaling
 
     NTK-by-parts: dims below `low` keep 1/freq, dims above `high` get 1/(s*freq), linear blend
     between (no rounding of low/high); concentration = 0.1*ln(s) + 1. rope_scaling_factor == 1
-    means plain RoPE (concentration 1).
+    means plain RoPE (concentration 1). This is table set-up, not a kernel: it is the oracle's
+    formula evaluated in float32, step for step as the gpt-oss reference does.
     """
-    if head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"head_dim must be even and > 0, got {head_dim}")
-    freq = rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    if rope_scaling_factor == 1.0:
-        return 1.0 / freq, 1.0
-    if rope_scaling_factor < 1.0:
-        raise ValueError(f"rope_scaling_factor must be >= 1, got {rope_scaling_factor}")
-    concentration = 0.1 * math.log(rope_scaling_factor) + 1.0
-    d_half = head_dim / 2
-    low = d_half * math.log(initial_context_length / (rope_ntk_beta * 2 * math.pi)) / math.log(rope_theta)
-    high = d_half * math.log(initial_context_length / (rope_ntk_alpha * 2 * math.pi)) / math.log(rope_theta)
-    if not 0 < low < high < d_half - 1:
-        raise ValueError(f"YaRN needs 0 < low < high < head_dim/2 - 1, got low={low}, high={high} "
-                         f"(from initial_context_length={initial_context_length}, rope_theta={rope_theta}, "
-                         f"rope_ntk_alpha={rope_ntk_alpha}, rope_ntk_beta={rope_ntk_beta})")
-    interpolation = 1.0 / (rope_scaling_factor * freq)
-    extrapolation = 1.0 / freq
-    ramp = (torch.arange(d_half, dtype=torch.float32) - low) / (high - low)
-    mask = 1 - ramp.clamp(0, 1)
-    return interpolation * (1 - mask) + extrapolation * mask, concentration
+    return reference.yarn_inv_freq(head_dim, rope_theta, rope_scaling_factor, initial_context_length,
+                                   rope_ntk_alpha, rope_ntk_beta, dtype=torch.float32)
 
 
 class RotaryEmbedding:

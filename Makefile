@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Both create .venv, install the pinned
+# requirements, build the extension (CPU kernels, plus CUDA kernels when torch is a CUDA build and
+# nvcc is found: CUDA_HOME defaults to /usr/local/cuda) and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+# No GPU visible: compile the CUDA kernels for H100/H200 (sm_90).
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+# Two build jobs: a .cu translation unit takes ~2 GB of RAM in nvcc.
+export MAX_JOBS ?= 2
+
+.PHONY: all build test test-all demo bench clean
+
+all: build
+
+$(VENV)/.installed: requirements/base.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: build
+	$(PY) -m pytest -q
+
+demo: build
+	$(PY) -m gptoss_ext.demo
+
+bench: build
+	$(PY) benchmarks/bench_rms_norm.py
+	$(PY) benchmarks/bench_rope.py
+
+clean:
+	rm -rf build *.egg-info gptoss_ext/_C*.so gptoss_ext/_build_info.json
