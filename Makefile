@@ -30,7 +30,7 @@ test-all: build
 	$(PY) -m pytest -q
 
 demo: build
-	$(PY) -m gptoss_ext.demo
+	$(PY) -m gptoss.demo
 
 bench: build
 	$(PY) benchmarks/bench_rms_norm.py

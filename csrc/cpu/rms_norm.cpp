@@ -15,8 +15,9 @@
 namespace gptoss::cpu {
 namespace {
 
-// Rows per parallel task: enough work to amortise a task (~16K elements).
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / d); }
+// Rows per parallel task: ~64K elements, so that decode-sized inputs (a few rows) run on the
+// calling thread instead of paying a thread-team wake-up.
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 65536 / d); }
 
 template <typename T>
 void rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t rows, int64_t d, float eps) {

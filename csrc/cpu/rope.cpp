@@ -19,7 +19,7 @@ template <typename T>
 void rope_fwd(const T* x, const float* cos, const float* sin, T* y, int64_t B, int64_t Tn, int64_t H,
               int64_t D, int64_t tab_batch_stride) {
   const int64_t half = D / 2;
-  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 8192 / (H * D)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 65536 / (H * D)), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Tn, t = p % Tn;
       const float* c = cos + b * tab_batch_stride + t * half;
