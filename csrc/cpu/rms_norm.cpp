@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "common/dispatch.h"
+#include "common/rms_norm.h"
 #include "common/vec.h"
 #include "ops.h"
 
@@ -31,14 +32,14 @@ void rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t rows, i
         acc = at::vec::fmadd(v, v, acc);
       });
       const float ss = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
-      const float rs = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+      const float rs = rms_norm_rstd(ss, d, eps);
       rstd[r] = rs;
       const fVec vrs(rs);
       for_vec(d, [&](int64_t i, int64_t n) {
         if (n == kVecSize) {
-          store_f(yr + i, (load_f(xr + i) * vrs) * fVec::loadu(w + i));
+          store_f(yr + i, rms_norm_out(load_f(xr + i), vrs, fVec::loadu(w + i)));
         } else {
-          store_f(yr + i, (load_f(xr + i, n) * vrs) * fVec::loadu(w + i, n), n);
+          store_f(yr + i, rms_norm_out(load_f(xr + i, n), vrs, fVec::loadu(w + i, n)), n);
         }
       });
     }
@@ -76,7 +77,7 @@ void rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T*
           const bool full = n == kVecSize;
           fVec xh = (full ? load_f(xr + i) : load_f(xr + i, n)) * vrs;
           fVec g = (full ? load_f(dyr + i) : load_f(dyr + i, n)) * fVec::loadu(w + i, n);
-          store_f(dxr + i, vrs * (g - xh * vm), n);
+          store_f(dxr + i, rms_norm_grad_x(g, xh, vrs, vm), n);
         });
       }
     }
@@ -90,9 +91,9 @@ void rms_norm_fwd_f64(const double* x, const double* w, double* y, double* rstd,
     for (int64_t r = r0; r < r1; ++r) {
       double ss = 0;
       for (int64_t i = 0; i < d; ++i) ss += x[r * d + i] * x[r * d + i];
-      const double rs = 1.0 / std::sqrt(ss / d + eps);
+      const double rs = rms_norm_rstd(ss, d, eps);
       rstd[r] = rs;
-      for (int64_t i = 0; i < d; ++i) y[r * d + i] = (x[r * d + i] * rs) * w[i];
+      for (int64_t i = 0; i < d; ++i) y[r * d + i] = rms_norm_out(x[r * d + i], rs, w[i]);
     }
   });
 }
@@ -108,7 +109,7 @@ void rms_norm_bwd_f64(const double* dy, const double* x, const double* w, const 
     }
     const double m = acc / d;
     for (int64_t i = 0; i < d; ++i)
-      dx[r * d + i] = rstd[r] * (dy[r * d + i] * w[i] - x[r * d + i] * rstd[r] * m);
+      dx[r * d + i] = rms_norm_grad_x(dy[r * d + i] * w[i], x[r * d + i] * rstd[r], rstd[r], m);
   }
 }
 

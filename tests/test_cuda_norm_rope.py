@@ -1,0 +1,249 @@
+"""CUDA kernels of rms_norm, rms_norm_backward and apply_rope against the CPU kernels (the
+contract), plus opcheck and float64 gradcheck on CUDA. Skipped without a GPU and a CUDA build.
+
+Both backends get the same inputs (made on the CPU in the kernel's dtype, then copied), so the
+only differences are float32 summation order, rsqrtf vs 1/sqrt, and the final rounding to the
+storage dtype: the conftest tolerance of the output dtype covers them.
+"""
+import pytest
+import torch
+
+import gptoss_ext
+from conftest import assert_close, requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+ops = torch.ops.gptoss_ext
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = 1e-5
+
+
+def _noncontig(shape, dtype):
+    """Random tensor of `shape` whose last dim is strided (a transposed view)."""
+    t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float32).to(dtype).transpose(-1, -2)
+    assert not t.is_contiguous()
+    return t
+
+
+def _misaligned(shape, dtype):
+    """(CPU copy, CUDA tensor): random, contiguous, the CUDA one's data pointer one element past
+    a 16-byte boundary (made on the device: a copy to it would be aligned)."""
+    n = 1
+    for s in shape:
+        n *= s
+    t = torch.randn(n + 1, dtype=torch.float32).to(dtype).to(DEV)[1:].view(shape)
+    assert t.is_contiguous() and t.data_ptr() % 16 != 0
+    return t.cpu(), t
+
+
+def _scale(d, dtype=torch.float32):
+    return (1.0 + 0.5 * torch.randn(d)).to(dtype)
+
+
+def _check_rms_norm(x, scale, x_cuda=None):
+    """Forward and backward, CUDA vs CPU, on the same inputs (x_cuda: x's values on the GPU,
+    default x.to(DEV), which keeps x's strides)."""
+    rows = x.numel() // x.shape[-1]
+    x_cuda = x.to(DEV) if x_cuda is None else x_cuda
+    y_cpu, rstd_cpu = ops.rms_norm(x, scale, EPS)
+    y_cuda, rstd_cuda = ops.rms_norm(x_cuda, scale.to(DEV), EPS)
+    assert y_cuda.device.type == DEV and y_cuda.is_contiguous()
+    assert y_cuda.dtype == x.dtype and y_cuda.shape == x.shape
+    assert rstd_cuda.dtype == rstd_cpu.dtype and rstd_cuda.shape == x.shape[:-1]
+    assert_close(y_cuda, y_cpu)
+    assert_close(rstd_cuda, rstd_cpu, dtype=rstd_cpu.dtype)
+
+    g = torch.randn(x.shape, dtype=torch.float32).to(x.dtype)
+    dx_cpu, dw_cpu = ops.rms_norm_backward(g, x, scale, rstd_cpu)
+    dx_cuda, dw_cuda = ops.rms_norm_backward(g.to(DEV), x_cuda, scale.to(DEV), rstd_cpu.to(DEV))
+    assert dx_cuda.dtype == x.dtype and dx_cuda.shape == x.shape and dx_cuda.is_contiguous()
+    assert dw_cuda.dtype == scale.dtype and dw_cuda.shape == scale.shape
+    assert_close(dx_cuda, dx_cpu)
+    # grad_scale sums `rows` products per column in float32 in different orders on the two
+    # backends: its rounding error grows like sqrt(rows) (the values themselves grow the same way).
+    assert_close(dw_cuda, dw_cpu, dtype=dw_cpu.dtype, scale=max(1.0, rows ** 0.5))
+    return dw_cpu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 2880), (7, 769), (8, 2880)], ids=str)
+def test_rms_norm_cuda_matches_cpu(shape, dtype):
+    dw = _check_rms_norm(torch.randn(shape).to(dtype), _scale(shape[-1]))
+    assert dw.abs().max() > 0.1  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cuda_noncontiguous(dtype):
+    x = _noncontig((3, 5, 2880), dtype)
+    assert not x.to(DEV).is_contiguous()
+    _check_rms_norm(x, _scale(2880))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cuda_misaligned(dtype):
+    # Contiguous but not 16-byte aligned: the scalar path, with a row length the vector path takes.
+    x, x_cuda = _misaligned((9, 2880), dtype)
+    _check_rms_norm(x, _scale(2880), x_cuda)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 1), (33, 64), (300, 24), (4, 16384), (3, 40000)], ids=str)
+def test_rms_norm_cuda_row_lengths(shape, dtype):
+    # Several rows per warp (d = 1, 24, 64), the register kernels' widest shapes (16384: 8 vectors
+    # per thread forward, 512 threads per row backward) and rows too long for registers (40000:
+    # the streaming kernels).
+    _check_rms_norm(torch.randn(shape).to(dtype), _scale(shape[-1]))
+
+
+@pytest.mark.parametrize("shape", [(64, 2880), (7, 769), (3, 40000)], ids=str)
+def test_rms_norm_cuda_float64(shape):
+    _check_rms_norm(torch.randn(shape, dtype=torch.float64), _scale(shape[-1], torch.float64))
+
+
+def test_rms_norm_cuda_bf16_scale():
+    # scale in bfloat16: used in float32, grad_scale comes back in bfloat16.
+    _check_rms_norm(torch.randn(8, 2880).to(torch.bfloat16), _scale(2880, torch.bfloat16))
+
+
+def test_rms_norm_cuda_no_rows():
+    x = torch.randn(0, 2880, device=DEV)
+    w = _scale(2880).to(DEV)
+    y, rstd = ops.rms_norm(x, w, EPS)
+    assert y.shape == (0, 2880) and rstd.shape == (0,)
+    dx, dw = ops.rms_norm_backward(x, x, w, rstd)
+    assert dx.shape == (0, 2880) and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_rms_norm_cuda_deterministic():
+    x = torch.randn(4096, 2880, device=DEV, dtype=torch.bfloat16)
+    w = _scale(2880).to(DEV)
+    g = torch.randn_like(x)
+    rstd = ops.rms_norm(x, w, EPS)[1]
+    a = ops.rms_norm_backward(g, x, w, rstd)
+    b = ops.rms_norm_backward(g, x, w, rstd)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_rms_norm_cuda_autograd():
+    x = torch.randn(6, 2880, dtype=torch.bfloat16)
+    w = _scale(2880)
+    grads = []
+    for dev in ["cpu", DEV]:
+        xd = x.to(dev).requires_grad_()
+        wd = w.to(dev).requires_grad_()
+        y = gptoss_ext.rms_norm(xd, wd, EPS)
+        y.backward(torch.ones_like(y) + y.detach())
+        grads.append((xd.grad, wd.grad))
+    assert_close(grads[1][0], grads[0][0])
+    assert_close(grads[1][1], grads[0][1], dtype=torch.float32, scale=6 ** 0.5)
+
+
+def test_rms_norm_cuda_errors():
+    x = torch.randn(4, 16, device=DEV)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        ops.rms_norm(x, torch.ones(15, device=DEV), EPS)
+    with pytest.raises(RuntimeError, match="scale must be on"):
+        ops.rms_norm(x, torch.ones(16), EPS)
+
+
+# ----------------------------------------------------------------------------------- RoPE
+
+
+def _tables(B, T, D, per_batch):
+    """gpt-oss YaRN cos/sin (concentration included; plain RoPE for D < 8, where YaRN's ramp is
+    undefined), float32: [B, T, D/2] with per-sequence position offsets, or [T, D/2]."""
+    rope = gptoss_ext.RotaryEmbedding(head_dim=D, rope_scaling_factor=32.0 if D >= 8 else 1.0)
+    if per_batch:
+        pos = torch.arange(T)[None, :] + torch.randint(0, 5000, (B, 1))
+    else:
+        pos = torch.arange(T) + 11
+    return rope.cos_sin(pos)
+
+
+def _check_rope(x, cos, sin, x_cuda=None):
+    x_cuda = x.to(DEV) if x_cuda is None else x_cuda
+    y_cpu = ops.apply_rope(x, cos, sin)
+    y_cuda = ops.apply_rope(x_cuda, cos.to(DEV), sin.to(DEV))
+    assert y_cuda.dtype == x.dtype and y_cuda.shape == x.shape and y_cuda.is_contiguous()
+    assert_close(y_cuda, y_cpu)
+    # The backward is the inverse rotation (apply_rope with -sin).
+    assert_close(ops.apply_rope(x_cuda, cos.to(DEV), -sin.to(DEV)), ops.apply_rope(x, cos, -sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 300, 64, 64), (1, 7, 8, 64)], ids=str)
+def test_rope_cuda_matches_cpu_per_batch(shape, dtype):
+    B, T, H, D = shape
+    cos, sin = _tables(B, T, D, per_batch=True)
+    assert cos.shape == (B, T, D // 2)
+    _check_rope(torch.randn(shape).to(dtype), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 300, 8, 64), (7, 64, 64), (3, 5, 2, 36), (4, 3, 2)], ids=str)
+def test_rope_cuda_matches_cpu_shared_table(shape, dtype):
+    # Shared [T, D/2] tables; 3-D x; D/2 = 18 and 1 (no 16-byte vectors: scalar path).
+    T, D = shape[-3], shape[-1]
+    cos, sin = _tables(1, T, D, per_batch=False)
+    _check_rope(torch.randn(shape).to(dtype), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_cuda_noncontiguous_and_misaligned(dtype):
+    B, T, H, D = 2, 129, 8, 64
+    cos, sin = _tables(B, T, D, per_batch=True)
+    x = torch.randn(B, H, T, D).to(dtype).transpose(1, 2)  # [B, T, H, D], not contiguous
+    assert not x.to(DEV).is_contiguous()
+    _check_rope(x, cos, sin)
+    x, x_cuda = _misaligned((B, T, H, D), dtype)
+    _check_rope(x, cos, sin, x_cuda)
+
+
+def test_rope_cuda_float64():
+    B, T, H, D = 2, 33, 4, 64
+    cos, sin = _tables(B, T, D, per_batch=True)
+    _check_rope(torch.randn(B, T, H, D, dtype=torch.float64), cos.double(), sin.double())
+    _check_rope(torch.randn(B, T, H, D, dtype=torch.float64), cos, sin)  # float32 tables
+
+
+def test_rope_cuda_errors():
+    x = torch.randn(2, 7, 4, 64, device=DEV)
+    cos = torch.randn(7, 31, device=DEV)
+    with pytest.raises(RuntimeError, match="cos must be"):
+        ops.apply_rope(x, cos, cos)
+
+
+# ------------------------------------------------------------------- opcheck / gradcheck
+
+
+def test_opcheck_rms_norm_cuda():
+    x = torch.randn(5, 2880, device=DEV, requires_grad=True)
+    w = _scale(2880).to(DEV).requires_grad_()
+    torch.library.opcheck(ops.rms_norm.default, (x, w, EPS))
+    xb = torch.randn(3, 4, 769, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(ops.rms_norm.default, (xb, w[:769].detach().clone().requires_grad_(), EPS))
+
+
+def test_opcheck_rms_norm_backward_cuda():
+    x = torch.randn(5, 2880, device=DEV)
+    w = _scale(2880).to(DEV)
+    rstd = ops.rms_norm(x, w, EPS)[1]
+    torch.library.opcheck(ops.rms_norm_backward.default, (torch.randn_like(x), x, w, rstd))
+
+
+def test_opcheck_apply_rope_cuda():
+    cos, sin = _tables(2, 9, 64, per_batch=True)
+    x = torch.randn(2, 9, 8, 64, device=DEV, requires_grad=True)
+    torch.library.opcheck(ops.apply_rope.default, (x, cos.to(DEV), sin.to(DEV)))
+    c2, s2 = _tables(1, 9, 64, per_batch=False)
+    torch.library.opcheck(ops.apply_rope.default, (x.detach()[0].clone().requires_grad_(), c2.to(DEV), s2.to(DEV)))
+
+
+def test_gradcheck_cuda_float64():
+    x = torch.randn(3, 17, dtype=torch.float64, device=DEV, requires_grad=True)
+    w = _scale(17, torch.float64).to(DEV).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: gptoss_ext.rms_norm(a, b, EPS), (x, w))
+    cos, sin = _tables(2, 5, 8, per_batch=True)
+    xr = torch.randn(2, 5, 3, 8, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: gptoss_ext.apply_rope(a, cos.to(DEV), sin.to(DEV)), (xr,))
