@@ -1,4 +1,7 @@
 """gptoss: the GPT-OSS model library built on the gptoss_ext native ops."""
-from .config import ModelConfig, PRESETS
+from .checkpoint import (checkpoint_nbytes, expected_shapes, hf_to_openai, load_state_dict, openai_to_hf,
+                         parameter_count, save_checkpoint)
+from .config import PRESETS, ModelConfig
 
-__all__ = ["ModelConfig", "PRESETS"]
+__all__ = ["ModelConfig", "PRESETS", "checkpoint_nbytes", "expected_shapes", "hf_to_openai", "load_state_dict",
+           "openai_to_hf", "parameter_count", "save_checkpoint"]
