@@ -1,0 +1,799 @@
+// Attention with learned sinks, GQA, causal + sliding window on the CPU (spec §2.2): prefill
+// forward and backward, KV-cache append, and decode over a (ragged, optionally ring) cache.
+//
+// Forward (flash style): a work unit is (batch b, kv head h, block of query positions, key chunk).
+// Its rows are the block's positions x the G = Hq/Hkv query heads of kv head h, so each K/V tile
+// is loaded (converted to float, K transposed) once for the whole group. Per key tile:
+// S = Q K^T (register-tiled GEMM), mask, online softmax with the sink as the first column
+// (common/attention.h), O = O * alpha + P V. Only tiles that intersect a row's visible range
+// [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
+// Tq x Tk. Units are handed out dynamically (costliest first) and each writes only its own rows,
+// so results do not depend on the thread count or schedule.
+// Split-K: when there are few units (decode of a few sequences, few kv heads), each unit's key
+// range is cut into chunks whose partial (m, l, acc) states are merged in a fixed order.
+//
+// Backward (flash-attention-2 style, recomputing P from lse): a task is (b, kv head, key-tile
+// class c); it owns dK/dV of its key tiles (summed over the group's query heads) and adds
+// dS K into its own dQ partial buffer; the C partials are summed in order at the end
+// (deterministic). D_i = rowsum(dO * O); dS = P * (dP - D_i); d sink = -sum p_sink * D_i.
+//
+// float32/bfloat16/float16 compute in float32; float64 runs the same algorithm in float64
+// (used by gradcheck).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "common/attention.h"
+#include "common/dispatch.h"
+#include "common/vec.h"
+#include "ops.h"
+
+namespace gptoss::cpu {
+namespace {
+
+template <typename acc_t>
+using AVec = at::vec::Vectorized<acc_t>;
+
+constexpr int64_t kBK = 64;           // keys per tile
+constexpr int64_t kRowsTarget = 128;  // query rows (positions x group heads) per block
+constexpr int64_t kMinSplitKeys = 256;  // fewest keys worth a split-K chunk
+
+// Register tile of the GEMM micro-kernel: kMR rows x kNV vectors of C stay in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMR = 6, kNV = 4;  // 24 accumulators + 4 B vectors + 1 broadcast of 32 zmm
+#else
+constexpr int kMR = 4, kNV = 2;  // 16 ymm
+#endif
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------ GEMM kernels
+// C[M, N] (+)= op(A) B, op(A)[m][k] = TA ? A[k * lda + m] : A[m * lda + k], B [K, N] row-major
+// with N a multiple of the vector size. Accumulates in acc_t.
+template <typename acc_t, int MR, int NV, bool TA, bool ACC>
+inline void gemm_tile(int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, acc_t* C,
+                      int64_t ldc) {
+  using V = AVec<acc_t>;
+  constexpr int VS = V::size();
+  V c[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) c[i][j] = ACC ? V::loadu(C + i * ldc + j * VS) : V(acc_t(0));
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = V::loadu(B + k * ldb + j * VS);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const V a(TA ? A[k * lda + i] : A[i * lda + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) c[i][j] = at::vec::fmadd(a, b[j], c[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) c[i][j].store(C + i * ldc + j * VS);
+}
+
+template <typename acc_t, int MR, bool TA, bool ACC, int NV = kNV - 1>
+inline void gemm_cols_tail(int64_t nv, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                           int64_t ldb, acc_t* C, int64_t ldc) {
+  if constexpr (NV > 0) {
+    if (nv == NV) {
+      gemm_tile<acc_t, MR, NV, TA, ACC>(K, A, lda, B, ldb, C, ldc);
+    } else {
+      gemm_cols_tail<acc_t, MR, TA, ACC, NV - 1>(nv, K, A, lda, B, ldb, C, ldc);
+    }
+  }
+}
+
+template <typename acc_t, int MR, bool TA, bool ACC>
+inline void gemm_rows(int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
+                      acc_t* C, int64_t ldc) {
+  constexpr int64_t VS = AVec<acc_t>::size();
+  int64_t n = 0;
+  for (; n + kNV * VS <= N; n += kNV * VS) gemm_tile<acc_t, MR, kNV, TA, ACC>(K, A, lda, B + n, ldb, C + n, ldc);
+  if (n < N) gemm_cols_tail<acc_t, MR, TA, ACC>((N - n) / VS, K, A, lda, B + n, ldb, C + n, ldc);
+}
+
+template <typename acc_t, bool TA, bool ACC, int MR = kMR - 1>
+inline void gemm_rows_tail(int64_t mr, int64_t N, int64_t K, const acc_t* A, int64_t lda,
+                           const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (mr == MR) {
+      gemm_rows<acc_t, MR, TA, ACC>(N, K, A, lda, B, ldb, C, ldc);
+    } else {
+      gemm_rows_tail<acc_t, TA, ACC, MR - 1>(mr, N, K, A, lda, B, ldb, C, ldc);
+    }
+  }
+}
+
+template <typename acc_t, bool TA, bool ACC>
+void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
+          acc_t* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR)
+    gemm_rows<acc_t, kMR, TA, ACC>(N, K, TA ? A + m : A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  if (m < M)
+    gemm_rows_tail<acc_t, TA, ACC>(M - m, N, K, TA ? A + m : A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+}
+
+// --------------------------------------------------------------------------- small helpers
+
+// dst[0:n] = src[0:n] converted to acc_t.
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<double>(src[i]);
+  } else {
+    for_vec(n, [&](int64_t i, int64_t c) {
+      (c == kVecSize ? load_f(src + i) : load_f(src + i, c)).store(dst + i, c);
+    });
+  }
+}
+
+// dst[0:n] = src[0:n] * s, converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, acc_t s, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * s);
+  } else {
+    const fVec vs(s);
+    for_vec(n, [&](int64_t i, int64_t c) { store_f(dst + i, fVec::loadu(src + i, c) * vs, c); });
+  }
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* x, acc_t s, int64_t n) {  // n a multiple of the vector size
+  using V = AVec<acc_t>;
+  const V vs(s);
+  for (int64_t i = 0; i < n; i += V::size()) (V::loadu(x + i) * vs).store(x + i);
+}
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t n) {  // n a multiple of the vector size
+  using V = AVec<acc_t>;
+  V m(-attn_inf<acc_t>());
+  for (int64_t i = 0; i < n; i += V::size()) m = at::vec::maximum(m, V::loadu(x + i));
+  return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
+}
+
+// exp: the fast polynomial for bf16/fp16 storage (its ~1e-6 relative error is far below their
+// rounding), the 1-ulp Sleef version for float32 and float64.
+template <typename acc_t, bool FAST>
+inline AVec<acc_t> vexp(const AVec<acc_t>& x) {
+  if constexpr (FAST && std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// x[0:n] = exp(x * scale - shift) (masked entries -inf give 0); returns the sum.
+template <typename acc_t, bool FAST>
+inline acc_t exp_row(acc_t* x, int64_t n, acc_t scale, acc_t shift) {
+  using V = AVec<acc_t>;
+  const V vscale(scale), vneg(-shift);
+  V sum(acc_t(0));
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const V p = vexp<acc_t, FAST>(at::vec::fmadd(V::loadu(x + i), vscale, vneg));
+    p.store(x + i);
+    sum = sum + p;
+  }
+  return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, sum);
+}
+
+// dst [D x ldd] = transpose(src [n x D]).
+template <typename acc_t>
+inline void transpose(const acc_t* src, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
+  at::vec::transpose_mxn<acc_t>(src, D, dst, ldd, static_cast<int>(n), static_cast<int>(D));
+}
+
+// Run f(unit, scratch) for every unit in [0, n), handing units out dynamically so that a busy core
+// does not hold up the rest. `make_scratch()` builds one thread's scratch. `work` (multiply-adds,
+// roughly) below kMinParallelWork runs on the calling thread: waking the pool costs more.
+constexpr int64_t kMinParallelWork = 1 << 20;
+
+template <typename MakeScratch, typename F>
+void parallel_units(int64_t n, int64_t work, MakeScratch&& make_scratch, F&& f) {
+  if (n <= 0) return;
+  if (work < kMinParallelWork || n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    auto scratch = make_scratch();
+    for (int64_t u = 0; u < n; ++u) f(u, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) f(u, scratch);
+  });
+}
+
+// ----------------------------------------------------------------------------- forward
+
+// Layout of one forward problem. Query i of sequence b sits at position pos0[b] + i; key
+// position p of sequence b (valid for p in [kv_begin[b], kv_end[b])) lives in row
+// (ring ? p % kv_rows : p) of k/v.
+template <typename scalar_t, typename acc_t>
+struct FwdProblem {
+  const scalar_t* q;  // [B, Tq, Hq, D] contiguous
+  const scalar_t* k;  // strided [B, kv_rows, Hkv, D], last dim contiguous
+  const scalar_t* v;
+  int64_t ks[3], vs[3];  // strides of k and v over (b, row, head)
+  int64_t B, Tq, Hq, Hkv, D, kv_rows;
+  const acc_t* sinks;  // [Hq] or nullptr
+  acc_t scale;
+  int64_t window;
+  const int64_t* pos0;
+  const int64_t* kv_begin;
+  const int64_t* kv_end;
+  bool ring;
+  scalar_t* out;  // [B, Tq, Hq, D] contiguous
+  acc_t* lse;     // [B, Hq, Tq]
+
+  int64_t G() const { return Hq / Hkv; }
+  int64_t slot(int64_t p) const { return ring ? p % kv_rows : p; }
+  const scalar_t* krow(int64_t b, int64_t p, int64_t h) const {
+    return k + b * ks[0] + slot(p) * ks[1] + h * ks[2];
+  }
+  const scalar_t* vrow(int64_t b, int64_t p, int64_t h) const {
+    return v + b * vs[0] + slot(p) * vs[1] + h * vs[2];
+  }
+  // Visible key positions of a query at position pos: [key_lo, key_hi).
+  int64_t key_lo(int64_t b, int64_t pos) const { return std::max(kv_begin[b], attn_key_begin(pos, window)); }
+  int64_t key_hi(int64_t b, int64_t pos) const { return std::min(kv_end[b], pos + 1); }
+};
+
+template <typename acc_t>
+struct FwdScratch {
+  std::vector<acc_t> qb, s, kt, ktmp, vb, o, m, l;
+  FwdScratch(int64_t rows, int64_t D, int64_t Dp)
+      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), ktmp(kBK * D), vb(kBK * Dp, acc_t(0)),
+        o(rows * Dp), m(rows), l(rows) {}
+};
+
+// Runs the rows of query positions [t0, t1) of (b, kv head h) over the key tiles
+// [tile_lo, tile_hi) (absolute tile index = position / kBK). Leaves the unnormalised state
+// (m, l, o) in the scratch; the caller initialises it.
+template <typename scalar_t, typename acc_t, bool FAST>
+void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_t t0, int64_t t1,
+              int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
+  constexpr int64_t VS = AVec<acc_t>::size();
+  const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS), R = (t1 - t0) * G;
+  const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
+  for (int64_t t = t0; t < t1; ++t)
+    load_row(P.q + ((b * P.Tq + t) * P.Hq + h * G) * D, sc.qb.data() + (t - t0) * G * D, G * D);
+  for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
+    const int64_t a = std::max(lo, tile * kBK), e = std::min(hi, (tile + 1) * kBK);
+    if (a >= e) continue;
+    const int64_t n = e - a, np = round_up(n, VS);
+    for (int64_t i = 0; i < n; ++i) {
+      load_row(P.krow(b, a + i, h), sc.ktmp.data() + i * D, D);
+      load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
+    }
+    transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
+    acc_t* S = sc.s.data();
+    gemm<acc_t, false, false>(R, np, D, sc.qb.data(), D, sc.kt.data(), kBK, S, kBK);
+    // A tile is "interior" when every row sees all of it; else mask per row.
+    const bool interior = a >= P.key_lo(b, P.pos0[b] + t1 - 1) && e <= P.key_hi(b, P.pos0[b] + t0);
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* sr = S + r * kBK;
+      int64_t ra = 0, re = n;
+      if (!interior) {
+        const int64_t pos = P.pos0[b] + t0 + r / G;
+        ra = std::clamp<int64_t>(P.key_lo(b, pos) - a, 0, n);
+        re = std::clamp<int64_t>(P.key_hi(b, pos) - a, 0, n);
+        if (ra >= re) {  // nothing visible in this tile: P row 0, state unchanged
+          std::fill(sr, sr + np, acc_t(0));
+          continue;
+        }
+        std::fill(sr, sr + ra, -attn_inf<acc_t>());
+      }
+      std::fill(sr + re, sr + np, -attn_inf<acc_t>());
+      acc_t alpha, shift;
+      softmax_update(sc.m[r], row_max(sr, np) * P.scale, alpha, shift);
+      const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, shift);
+      sc.l[r] = sc.l[r] * alpha + sum;
+      if (alpha != acc_t(1)) scale_row(sc.o.data() + r * Dp, alpha, Dp);
+    }
+    gemm<acc_t, false, true>(R, Dp, n, S, kBK, sc.vb.data(), Dp, sc.o.data(), Dp);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool FAST>
+void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
+  constexpr int64_t VS = AVec<acc_t>::size();
+  const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS);
+  const int64_t BQ = std::clamp<int64_t>(kRowsTarget / G, 1, std::max<int64_t>(P.Tq, 1));
+  const int64_t nqb = (P.Tq + BQ - 1) / BQ, R = BQ * G;
+  const int64_t base_units = P.B * P.Hkv * nqb;
+  if (base_units == 0) return;
+  // Split-K chunks when there are too few units to fill the threads (single query block only).
+  int64_t max_keys = 0;
+  for (int64_t b = 0; b < P.B; ++b) max_keys = std::max(max_keys, P.kv_end[b] - P.kv_begin[b]);
+  int64_t C = 1;
+  if (nqb == 1 && base_units < 2 * at::get_num_threads())
+    C = std::clamp<int64_t>((4 * at::get_num_threads() + base_units - 1) / base_units, 1,
+                            std::max<int64_t>(1, max_keys / kMinSplitKeys));
+  std::vector<acc_t> part;  // per (base unit, chunk): R x (m, l, o[Dp])
+  const int64_t part_stride = R * (Dp + 2);
+  if (C > 1) part.resize(base_units * C * part_stride);
+
+  const auto row_init = [&](FwdScratch<acc_t>& sc, int64_t h, int64_t nrows, bool with_sink) {
+    for (int64_t r = 0; r < nrows; ++r) {
+      const bool has = with_sink && P.sinks != nullptr;
+      softmax_init(has, has ? P.sinks[h * G + r % G] : acc_t(0), sc.m[r], sc.l[r]);
+    }
+    std::fill(sc.o.begin(), sc.o.begin() + nrows * Dp, acc_t(0));
+  };
+  const auto write_out = [&](FwdScratch<acc_t>& sc, int64_t b, int64_t h, int64_t t0, int64_t t1) {
+    for (int64_t r = 0; r < (t1 - t0) * G; ++r) {
+      const int64_t t = t0 + r / G, hq = h * G + r % G;
+      acc_t inv_l, lse;
+      softmax_finalize(sc.m[r], sc.l[r], inv_l, lse);
+      store_row(sc.o.data() + r * Dp, inv_l, P.out + ((b * P.Tq + t) * P.Hq + hq) * D, D);
+      P.lse[(b * P.Hq + hq) * P.Tq + t] = lse;
+    }
+  };
+  const auto make_scratch = [&] { return FwdScratch<acc_t>(R, D, Dp); };
+
+  int64_t span = 0;  // keys per query row, for the work estimate
+  for (int64_t b = 0; b < P.B; ++b)
+    span += P.window > 0 ? std::min(P.window, P.kv_end[b] - P.kv_begin[b]) : P.kv_end[b] - P.kv_begin[b];
+  const int64_t work = 2 * span * P.Tq * P.Hq * D;
+  // Units costliest first: the last query blocks see the most keys under a causal mask.
+  parallel_units(base_units * C, work, make_scratch, [&](int64_t u, FwdScratch<acc_t>& sc) {
+    const int64_t c = u % C, bu = u / C;
+    const int64_t qb = nqb - 1 - bu / (P.B * P.Hkv), bh = bu % (P.B * P.Hkv);
+    const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+    const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
+    const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
+    int64_t tile_lo = 0, tile_hi = 0;
+    if (lo < hi) {
+      tile_lo = lo / kBK;
+      tile_hi = (hi + kBK - 1) / kBK;
+    }
+    const int64_t ntiles = tile_hi - tile_lo;
+    row_init(sc, h, nrows, C == 1);
+    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, tile_lo + ntiles * c / C,
+                                    tile_lo + ntiles * (c + 1) / C, sc);
+    if (C == 1) {
+      write_out(sc, b, h, t0, t1);
+    } else {
+      acc_t* dst = part.data() + (bu * C + c) * part_stride;
+      for (int64_t r = 0; r < nrows; ++r) {
+        dst[r * (Dp + 2)] = sc.m[r];
+        dst[r * (Dp + 2) + 1] = sc.l[r];
+        std::copy(sc.o.begin() + r * Dp, sc.o.begin() + (r + 1) * Dp, dst + r * (Dp + 2) + 2);
+      }
+    }
+  });
+  if (C == 1) return;
+  // Merge the chunks of each base unit in chunk order, starting from the sink.
+  parallel_units(base_units, base_units * C * R * Dp, make_scratch, [&](int64_t bu, FwdScratch<acc_t>& sc) {
+    const int64_t qb = nqb - 1 - bu / (P.B * P.Hkv), bh = bu % (P.B * P.Hkv);
+    const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+    const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
+    row_init(sc, h, nrows, true);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* src = part.data() + (bu * C + c) * part_stride;
+      for (int64_t r = 0; r < nrows; ++r) {
+        const acc_t* pr = src + r * (Dp + 2);
+        acc_t a1, a2;
+        softmax_merge(sc.m[r], sc.l[r], pr[0], pr[1], a1, a2);
+        using V = AVec<acc_t>;
+        const V va1(a1), va2(a2);
+        acc_t* o = sc.o.data() + r * Dp;
+        for (int64_t i = 0; i < Dp; i += VS)
+          at::vec::fmadd(V::loadu(o + i), va1, V::loadu(pr + 2 + i) * va2).store(o + i);
+      }
+    }
+    write_out(sc, b, h, t0, t1);
+  });
+}
+
+template <typename acc_t>
+const acc_t* sinks_ptr(const at::Tensor& s) {
+  return s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
+}
+
+// Runs the forward for any storage dtype; the per-batch position vectors stay alive for the call.
+template <typename scalar_t, typename acc_t>
+void run_fwd(FwdProblem<scalar_t, acc_t>& P) {
+  constexpr bool fast = !std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>;
+  attention_fwd_impl<scalar_t, acc_t, fast>(P);
+}
+
+// k/v as strided row sources: last dim contiguous, else a contiguous copy.
+at::Tensor rows_view(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+at::Tensor sinks_acc(const c10::optional<at::Tensor>& sinks, c10::ScalarType acc) {
+  if (!sinks.has_value() || !sinks->defined()) return at::Tensor();
+  return sinks->to(acc).contiguous();
+}
+
+void attention_forward_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& sinks, double sm_scale, int64_t window,
+                              const std::vector<int64_t>& pos0, const std::vector<int64_t>& kv_begin,
+                              const std::vector<int64_t>& kv_end, bool ring, at::Tensor& out,
+                              at::Tensor& lse) {
+  const auto fill = [&](auto& P) {
+    P.B = q.size(0);
+    P.Tq = q.size(1);
+    P.Hq = q.size(2);
+    P.D = q.size(3);
+    P.Hkv = k.size(2);
+    P.kv_rows = k.size(1);
+    for (int i = 0; i < 3; ++i) {
+      P.ks[i] = k.stride(i);
+      P.vs[i] = v.stride(i);
+    }
+    P.window = window;
+    P.pos0 = pos0.data();
+    P.kv_begin = kv_begin.data();
+    P.kv_end = kv_end.data();
+    P.ring = ring;
+  };
+  if (q.scalar_type() == at::kDouble) {
+    FwdProblem<double, double> P;
+    fill(P);
+    P.q = q.const_data_ptr<double>();
+    P.k = k.const_data_ptr<double>();
+    P.v = v.const_data_ptr<double>();
+    P.sinks = sinks_ptr<double>(sinks);
+    P.scale = sm_scale;
+    P.out = out.mutable_data_ptr<double>();
+    P.lse = lse.mutable_data_ptr<double>();
+    run_fwd(P);
+    return;
+  }
+  GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention", [&] {
+    FwdProblem<scalar_t, float> P;
+    fill(P);
+    P.q = q.const_data_ptr<scalar_t>();
+    P.k = k.const_data_ptr<scalar_t>();
+    P.v = v.const_data_ptr<scalar_t>();
+    P.sinks = sinks_ptr<float>(sinks);
+    P.scale = static_cast<float>(sm_scale);
+    P.out = out.mutable_data_ptr<scalar_t>();
+    P.lse = lse.mutable_data_ptr<float>();
+    run_fwd(P);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                             const at::Tensor& v_in, const c10::optional<at::Tensor>& sinks,
+                                             double sm_scale, int64_t window, int64_t q_offset) {
+  check_attention(q_in, k_in, v_in, sinks, sm_scale, window, q_offset);
+  const at::Tensor q = q_in.contiguous(), k = rows_view(k_in), v = rows_view(v_in);
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), Tk = k.size(1);
+  const auto acc = acc_dtype(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(acc));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const std::vector<int64_t> pos0(B, q_offset), kv_begin(B, 0), kv_end(B, Tk);
+  attention_forward_common(q, k, v, sinks_acc(sinks, acc), sm_scale, window, pos0, kv_begin, kv_end,
+                           false, out, lse);
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------- backward
+
+template <typename scalar_t, typename acc_t>
+struct BwdProblem {
+  const scalar_t *q, *k, *v, *dout, *out;  // contiguous; q/dout/out [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]
+  const acc_t* lse;                        // [B, Hq, Tq]
+  const acc_t* sinks;                      // [Hq] or nullptr
+  int64_t B, Tq, Tk, Hq, Hkv, D, window, q_offset;
+  acc_t scale;
+  scalar_t *dk, *dv;  // [B, Tk, Hkv, D]
+  int64_t G() const { return Hq / Hkv; }
+};
+
+template <typename acc_t>
+struct BwdScratch {
+  std::vector<acc_t> kt, vt, kn, ktmp, dk, dv, qb, dob, p, ds;
+  BwdScratch(int64_t rows, int64_t D, int64_t Dp)
+      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)), ktmp(kBK * D),
+        dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
+        ds(rows * kBK) {}
+};
+
+// Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
+// is ((b * Hkv + h) * Tq + t) * G + g.
+template <typename scalar_t, typename acc_t>
+void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
+  constexpr int64_t VS = AVec<acc_t>::size();
+  const int64_t B = P.B, Tq = P.Tq, Tk = P.Tk, Hq = P.Hq, Hkv = P.Hkv, D = P.D, G = P.G();
+  const int64_t Dp = round_up(D, VS), nrows = B * Tq * Hq;
+  // 1. Per row: Di = rowsum(dO * O), lse for the backward, in the row layout.
+  std::vector<acc_t> Drow(nrows), Lrow(nrows);
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> a(D), o(D);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Tq, t = p % Tq;
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        load_row(P.dout + (p * Hq + hq) * D, a.data(), D);
+        load_row(P.out + (p * Hq + hq) * D, o.data(), D);
+        acc_t s = 0;
+        for (int64_t i = 0; i < D; ++i) s += a[i] * o[i];
+        const int64_t row = ((b * Hkv + hq / G) * Tq + t) * G + hq % G;
+        Drow[row] = s;
+        Lrow[row] = attn_bwd_lse(P.lse[(b * Hq + hq) * Tq + t]);
+      }
+    }
+  });
+  // 2. Sink gradient, summed in a fixed order.
+  if (P.sinks != nullptr) {
+    at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t hq = h0; hq < h1; ++hq) {
+        acc_t s = 0;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t t = 0; t < Tq; ++t) {
+            const int64_t row = ((b * Hkv + hq / G) * Tq + t) * G + hq % G;
+            s += attn_sink_grad(P.sinks[hq], P.lse[(b * Hq + hq) * Tq + t], Drow[row]);
+          }
+        dsinks[hq] = s;
+      }
+    });
+  }
+  // 3. dK, dV per key tile; dQ partials per tile class c.
+  const int64_t BQ = std::clamp<int64_t>(kRowsTarget / G, 1, std::max<int64_t>(Tq, 1)), R = BQ * G;
+  const int64_t ntiles = (Tk + kBK - 1) / kBK;
+  const auto make_scratch = [&] { return BwdScratch<acc_t>(R, D, Dp); };
+  const int64_t work = 5 * B * Hq * Tq * (P.window > 0 ? std::min(P.window, Tk) : Tk) * D;
+  parallel_units(B * Hkv * C, work, make_scratch, [&](int64_t u, BwdScratch<acc_t>& sc) {
+    const int64_t c = u % C, bh = u / C, b = bh / Hkv, h = bh % Hkv;
+    acc_t* dq = dq_part + (c * B * Hkv + bh) * Tq * G * Dp;
+    const acc_t* Dr = Drow.data() + bh * Tq * G;
+    const acc_t* Lr = Lrow.data() + bh * Tq * G;
+    for (int64_t tile = c; tile < ntiles; tile += C) {
+      const int64_t a = tile * kBK, e = std::min(Tk, a + kBK), n = e - a, np = round_up(n, VS);
+      // Query positions that see a key in [a, e): pos >= a and pos - window + 1 <= e - 1.
+      const int64_t t_lo = std::max<int64_t>(0, a - P.q_offset);
+      const int64_t t_hi = P.window > 0 ? std::min(Tq, e + P.window - 1 - P.q_offset) : Tq;
+      const int64_t kbase = ((b * Tk + a) * Hkv + h) * D;
+      if (t_lo >= t_hi) {
+        for (int64_t i = 0; i < n; ++i) {  // keys nobody sees
+          std::fill(P.dk + kbase + i * Hkv * D, P.dk + kbase + i * Hkv * D + D, scalar_t(0));
+          std::fill(P.dv + kbase + i * Hkv * D, P.dv + kbase + i * Hkv * D + D, scalar_t(0));
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        load_row(P.k + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
+        std::copy(sc.ktmp.begin() + i * D, sc.ktmp.begin() + (i + 1) * D, sc.kn.begin() + i * Dp);
+      }
+      transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
+      for (int64_t i = 0; i < n; ++i) load_row(P.v + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
+      transpose(sc.ktmp.data(), n, D, sc.vt.data(), kBK);
+      std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
+      std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
+      for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
+        const int64_t t1 = std::min(t_hi, t0 + BQ), rows = (t1 - t0) * G;
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t src = ((b * Tq + t) * Hq + h * G + g) * D, r = (t - t0) * G + g;
+            load_row(P.q + src, sc.qb.data() + r * Dp, D);
+            load_row(P.dout + src, sc.dob.data() + r * Dp, D);
+          }
+        acc_t* Pm = sc.p.data();
+        acc_t* dS = sc.ds.data();
+        gemm<acc_t, false, false>(rows, np, D, sc.qb.data(), Dp, sc.kt.data(), kBK, Pm, kBK);
+        gemm<acc_t, false, false>(rows, np, D, sc.dob.data(), Dp, sc.vt.data(), kBK, dS, kBK);
+        const bool interior = a >= attn_key_begin(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
+        using V = AVec<acc_t>;
+        const V vscale(P.scale);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = P.q_offset + t0 + r / G, row = t0 * G + r;
+          acc_t* pr = Pm + r * kBK;
+          acc_t* dr = dS + r * kBK;
+          int64_t ra = 0, re = n;
+          if (!interior) {
+            ra = std::clamp<int64_t>(attn_key_begin(pos, P.window) - a, 0, n);
+            re = std::clamp<int64_t>(pos + 1 - a, 0, n);
+            re = std::max(re, ra);
+          }
+          // P = exp(s * scale - lse) on [ra, re), 0 elsewhere; dS = P * (dP - Di) * scale.
+          const V vneg(-Lr[row]), vD(Dr[row]);
+          for (int64_t j = 0; j < np; j += VS) {
+            V pv = at::vec::fmadd(V::loadu(pr + j), vscale, vneg).exp();
+            if (j < ra || j + VS > re) {
+              alignas(64) acc_t tmp[VS];
+              pv.store(tmp);
+              for (int64_t x = 0; x < VS; ++x)
+                if (j + x < ra || j + x >= re) tmp[x] = acc_t(0);
+              pv = V::loadu(tmp);
+            }
+            pv.store(pr + j);
+            ((V::loadu(dr + j) - vD) * pv * vscale).store(dr + j);
+          }
+        }
+        gemm<acc_t, true, true>(n, Dp, rows, Pm, kBK, sc.dob.data(), Dp, sc.dv.data(), Dp);
+        gemm<acc_t, true, true>(n, Dp, rows, dS, kBK, sc.qb.data(), Dp, sc.dk.data(), Dp);
+        gemm<acc_t, false, true>(rows, Dp, n, dS, kBK, sc.kn.data(), Dp, dq + t0 * G * Dp, Dp);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        store_row(sc.dk.data() + i * Dp, acc_t(1), P.dk + kbase + i * Hkv * D, D);
+        store_row(sc.dv.data() + i * Dp, acc_t(1), P.dv + kbase + i * Hkv * D, D);
+      }
+    }
+  });
+}
+
+// dq[b, t, h*G+g, :] = sum over c of dq_part[c][b][h][t*G+g][:], converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, int64_t Hkv, int64_t D,
+               scalar_t* dq) {
+  constexpr int64_t VS = AVec<acc_t>::size();
+  const int64_t G = Hq / Hkv, Dp = round_up(D, VS), per_c = B * Tq * Hq * Dp;
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> sum(Dp);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Tq, t = p % Tq;
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        const int64_t row = ((b * Hkv + hq / G) * Tq + t) * G + hq % G;
+        std::copy(part + row * Dp, part + (row + 1) * Dp, sum.begin());
+        for (int64_t c = 1; c < C; ++c)
+          for (int64_t i = 0; i < Dp; ++i) sum[i] += part[c * per_c + row * Dp + i];
+        store_row(sum.data(), acc_t(1), dq + (p * Hq + hq) * D, D);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const c10::optional<at::Tensor>& sinks, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double sm_scale, int64_t window, int64_t q_offset) {
+  check_attention_backward(grad_out, q_in, k_in, v_in, sinks, out_in, lse_in, sm_scale, window, q_offset);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = grad_out.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3), Tk = k.size(1), Hkv = k.size(2);
+  const auto acc = acc_dtype(q.scalar_type());
+  const bool has_sinks = sinks.has_value() && sinks->defined();
+  const at::Tensor s_acc = sinks_acc(sinks, acc);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor ds = at::zeros({has_sinks ? Hq : 0}, q.options().dtype(acc));
+  const int64_t tasks = B * Hkv, ntiles = (Tk + kBK - 1) / kBK;
+  // Key-tile classes per (b, kv head): enough tasks for the threads, at most 8 dQ partials.
+  const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1),
+                                        1, std::clamp<int64_t>(ntiles, 1, 8));
+  const int64_t Dp = round_up(D, acc == at::kDouble ? AVec<double>::size() : AVec<float>::size());
+  at::Tensor dq_part = at::zeros({C, B, Tq, Hq, Dp}, q.options().dtype(acc));
+  if (q.numel() > 0 || k.numel() > 0) {
+    const auto fill = [&](auto& P) {
+      P.B = B;
+      P.Tq = Tq;
+      P.Tk = Tk;
+      P.Hq = Hq;
+      P.Hkv = Hkv;
+      P.D = D;
+      P.window = window;
+      P.q_offset = q_offset;
+    };
+    if (q.scalar_type() == at::kDouble) {
+      BwdProblem<double, double> P;
+      fill(P);
+      P.q = q.const_data_ptr<double>();
+      P.k = k.const_data_ptr<double>();
+      P.v = v.const_data_ptr<double>();
+      P.dout = dout.const_data_ptr<double>();
+      P.out = out.const_data_ptr<double>();
+      P.lse = lse.const_data_ptr<double>();
+      P.sinks = sinks_ptr<double>(s_acc);
+      P.scale = sm_scale;
+      P.dk = dk.mutable_data_ptr<double>();
+      P.dv = dv.mutable_data_ptr<double>();
+      attention_bwd_impl(P, dq_part.mutable_data_ptr<double>(), C, has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
+      reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<double>());
+    } else {
+      GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention_backward", [&] {
+        BwdProblem<scalar_t, float> P;
+        fill(P);
+        P.q = q.const_data_ptr<scalar_t>();
+        P.k = k.const_data_ptr<scalar_t>();
+        P.v = v.const_data_ptr<scalar_t>();
+        P.dout = dout.const_data_ptr<scalar_t>();
+        P.out = out.const_data_ptr<scalar_t>();
+        P.lse = lse.const_data_ptr<float>();
+        P.sinks = sinks_ptr<float>(s_acc);
+        P.scale = static_cast<float>(sm_scale);
+        P.dk = dk.mutable_data_ptr<scalar_t>();
+        P.dv = dv.mutable_data_ptr<scalar_t>();
+        attention_bwd_impl(P, dq_part.mutable_data_ptr<float>(), C,
+                           has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
+        reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<scalar_t>());
+      });
+    }
+  }
+  at::Tensor grad_sinks = has_sinks ? ds.to(sinks->scalar_type()) : at::empty({0}, q.options());
+  return {dq, dk, dv, grad_sinks};
+}
+
+// ---------------------------------------------------------------------------- KV cache
+
+// lengths as host int64 values, each checked >= 0.
+std::vector<int64_t> host_lengths(const at::Tensor& lengths, const char* op) {
+  const at::Tensor l = lengths.cpu().contiguous();
+  const int32_t* p = l.const_data_ptr<int32_t>();
+  std::vector<int64_t> out(l.numel());
+  for (int64_t b = 0; b < l.numel(); ++b) {
+    TORCH_CHECK(p[b] >= 0, op, ": lengths must be >= 0, got lengths[", b, "] = ", p[b]);
+    out[b] = p[b];
+  }
+  return out;
+}
+
+void kv_cache_append(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const at::Tensor& lengths, bool ring) {
+  check_kv_cache_append(k_cache, v_cache, k_in, v_in, lengths, ring);
+  const char* op = "kv_cache_append";
+  const int64_t B = k_cache.size(0), S = k_cache.size(1), Tn = k_in.size(1);
+  const int64_t row = k_cache.size(2) * k_cache.size(3);  // Hkv * D elements per token
+  const std::vector<int64_t> len = host_lengths(lengths, op);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(ring || len[b] + Tn <= S, op, ": cache overflow: lengths[", b, "] = ", len[b], " + ", Tn,
+                " new tokens exceeds the cache size S = ", S, " (ring = false)");
+  if (Tn == 0 || row == 0) return;
+  const at::Tensor k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t esz = k.element_size();
+  const char* ks = static_cast<const char*>(k.const_data_ptr());
+  const char* vs = static_cast<const char*>(v.const_data_ptr());
+  char* kc = static_cast<char*>(k_cache.mutable_data_ptr());
+  char* vc = static_cast<char*>(v_cache.mutable_data_ptr());
+  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 16384 / row), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / Tn, i = p % Tn, slot = (len[b] + i) % S;
+      std::memcpy(kc + (b * S + slot) * row * esz, ks + p * row * esz, row * esz);
+      std::memcpy(vc + (b * S + slot) * row * esz, vs + p * row * esz, row * esz);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache, const at::Tensor& lengths,
+                                                    const c10::optional<at::Tensor>& sinks, double sm_scale,
+                                                    int64_t window, bool ring) {
+  check_attention_decode(q_in, k_cache, v_cache, lengths, sinks, sm_scale, window, ring);
+  const char* op = "attention_decode";
+  const at::Tensor q = q_in.contiguous(), k = rows_view(k_cache), v = rows_view(v_cache);
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), S = k.size(1);
+  const auto acc = acc_dtype(q.scalar_type());
+  const std::vector<int64_t> len = host_lengths(lengths, op);
+  std::vector<int64_t> kv_begin(B), kv_end(B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ring || len[b] + Tq <= S, op, ": cache overflow: lengths[", b, "] = ", len[b], " + Tq = ", Tq,
+                " exceeds the cache size S = ", S, " (ring = false)");
+    kv_end[b] = len[b] + Tq;
+    kv_begin[b] = ring ? std::max<int64_t>(0, kv_end[b] - S) : 0;
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(acc));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  attention_forward_common(q, k, v, sinks_acc(sinks, acc), sm_scale, window, len, kv_begin, kv_end, ring,
+                           out, lse);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptoss_ext, CPU, m) {
+  m.impl("attention", &attention);
+  m.impl("attention_backward", &attention_backward);
+  m.impl("kv_cache_append", &kv_cache_append);
+  m.impl("attention_decode", &attention_decode);
+}
+
+}  // namespace gptoss::cpu
