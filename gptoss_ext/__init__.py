@@ -23,10 +23,12 @@ if _missing:
 import torch  # noqa: E402,F401  (loads libtorch before _C)
 
 from . import _C  # noqa: E402,F401  (registers torch.ops.gptoss_ext.*)
-from .ops import apply_rope, rms_norm  # noqa: E402
+from .ops import (apply_rope, moe_combine, moe_dispatch, moe_grouped_gemm, moe_mlp, moe_route,  # noqa: E402
+                  mxfp4_dequantize, mxfp4_quantize, rms_norm, swiglu)
 from .rope import RotaryEmbedding, yarn_inv_freq  # noqa: E402
 
-__all__ = ["rms_norm", "apply_rope", "RotaryEmbedding", "yarn_inv_freq", "build_info", "has_cuda_kernels"]
+__all__ = ["rms_norm", "apply_rope", "moe_route", "moe_dispatch", "swiglu", "moe_grouped_gemm",
+           "moe_combine", "mxfp4_dequantize", "mxfp4_quantize", "moe_mlp", "RotaryEmbedding", "yarn_inv_freq", "build_info", "has_cuda_kernels"]
 
 
 def has_cuda_kernels() -> bool:
