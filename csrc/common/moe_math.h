@@ -21,7 +21,7 @@ namespace gptoss {
 // limit = +inf disables both clamps. T is float or double.
 template <typename T>
 GPTOSS_HD T swiglu_fwd(T glu, T lin, T alpha, T limit) {
-  const T g = glu < limit ? glu : limit;  // NaN glu stays NaN
+  const T g = glu > limit ? limit : glu;  // NaN stays NaN (as torch.clamp)
   const T l = lin < -limit ? -limit : (lin > limit ? limit : lin);
   const T sig = T(1) / (T(1) + GPTOSS_MOE_EXP(-alpha * g));
   return g * sig * (l + T(1));
