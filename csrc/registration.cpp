@@ -64,8 +64,8 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // out [..., I] = glu * sigmoid(alpha * glu) * (lin + 1), math in float32 (float64 for float64),
   // one rounding to h's dtype. alpha finite; limit > 0, +inf disables both clamps.
   m.def("swiglu(Tensor h, float alpha, float limit) -> Tensor");
-  // grad_h [..., 2I] in h's dtype; a clamped input gets zero gradient on its clamped side
-  // (glu > limit, |lin| > limit; at exactly +-limit the gradient passes, as torch.clamp's does).
+  // grad_h [..., 2I] in h's dtype; a clamped input gets zero gradient (glu >= limit,
+  // |lin| >= limit: at exactly +-limit the gradient is 0, as torch.clamp's backward gives).
   m.def("swiglu_backward(Tensor grad_out, Tensor h, float alpha, float limit) -> Tensor grad_h");
   // Grouped expert GEMM: out[r] = act(W_e @ x[row_index[r]] + b_e) for grouped row r of expert e
   // (offsets[e] <= r < offsets[e+1]). x [R, K] float; row_index [N] int32 with values in [0, R),
@@ -74,9 +74,8 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // [E, M, K] (openai layout: out, in) and bias [E, M] or None, both in x's dtype.
   // act = swiglu(., alpha, limit) over interleaved column pairs when fused_swiglu (M even,
   // out [N, M/2]), identity otherwise (out [N, M]; alpha and limit unused).
-  // Accumulation in float32 (float64 for float64 x). The CPU bfloat16/float16 path uses ATen's
-  // GEMM, whose result is rounded to x's dtype before the bias and SwiGLU epilogue (as eager
-  // PyTorch does); the float32/float64 paths and the MXFP4 op round once at the end.
+  // Accumulation in float32 (float64 for float64 x); bias and SwiGLU are applied to the float
+  // accumulator and the result is rounded once to x's dtype (rows may be summed in any order).
   m.def("moe_grouped_gemm(Tensor x, Tensor? row_index, Tensor offsets, Tensor weight, Tensor? bias,"
         " bool fused_swiglu, float alpha, float limit) -> Tensor");
   // Backward of the unfused GEMM (fused_swiglu=False; the autograd of the fused form recomputes h

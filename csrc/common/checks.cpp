@@ -188,6 +188,11 @@ void check_int32(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
 }
 
+void check_uint8(const at::Tensor& t, const char* op, const char* name) {
+  check_defined(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kByte, op, ": ", name, " must be uint8, got ", t.scalar_type());
+}
+
 void check_limits(double alpha, double limit, const char* op) {
   check_finite(alpha, op, "alpha");
   TORCH_CHECK(limit > 0, op, ": limit must be > 0 (+inf disables the clamp), got ", limit);
@@ -321,8 +326,8 @@ int64_t check_moe_grouped_gemm_mxfp4(const at::Tensor& x, const c10::optional<at
                                      bool fused_swiglu, double alpha, double limit) {
   const char* op = "moe_grouped_gemm_mxfp4";
   check_dtype_in(x, op, "x", {at::kFloat, at::kBFloat16, at::kHalf});
-  check_dtype_in(blocks, op, "blocks", {at::kByte});
-  check_dtype_in(scales, op, "scales", {at::kByte});
+  check_uint8(blocks, op, "blocks");
+  check_uint8(scales, op, "scales");
   check_dim(blocks, 4, op, "blocks", "[E, M, K/32, 16]");
   check_dim(scales, 3, op, "scales", "[E, M, K/32]");
   check_same_device(x, blocks, op, "x", "blocks");
@@ -393,8 +398,8 @@ void check_moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
 
 void check_mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales, c10::ScalarType dtype) {
   const char* op = "mxfp4_dequantize";
-  check_dtype_in(blocks, op, "blocks", {at::kByte});
-  check_dtype_in(scales, op, "scales", {at::kByte});
+  check_uint8(blocks, op, "blocks");
+  check_uint8(scales, op, "scales");
   TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16, op, ": blocks must be [..., G, 16], got shape ",
               blocks.sizes());
   TORCH_CHECK(scales.sizes() == blocks.sizes().slice(0, blocks.dim() - 1), op, ": scales must be [..., G] = ",

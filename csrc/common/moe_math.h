@@ -28,13 +28,13 @@ GPTOSS_HD T swiglu_fwd(T glu, T lin, T alpha, T limit) {
 }
 
 // Gradients of swiglu_fwd w.r.t. glu and lin, given the output gradient dy. A clamped input has
-// zero gradient on its clamped side (glu > limit, lin > limit or lin < -limit); at exactly
-// +-limit the gradient passes (torch.clamp's convention).
+// zero gradient: glu >= limit, lin >= limit or lin <= -limit (at exactly +-limit the gradient is
+// 0, as torch.clamp's backward gives).
 // d/dg [g * s(a g)] = s + a g s (1 - s), s = sigmoid(a g).
 template <typename T>
 GPTOSS_HD void swiglu_bwd(T glu, T lin, T alpha, T limit, T dy, T* dglu, T* dlin) {
-  const bool g_clamped = glu > limit;
-  const bool l_clamped = lin > limit || lin < -limit;
+  const bool g_clamped = glu >= limit;
+  const bool l_clamped = lin >= limit || lin <= -limit;
   const T g = g_clamped ? limit : glu;
   const T l = l_clamped ? (lin > 0 ? limit : -limit) : lin;
   const T sig = T(1) / (T(1) + GPTOSS_MOE_EXP(-alpha * g));

@@ -219,8 +219,8 @@ void swiglu_bwd_row(const T* dy, const T* h, T* dh, int64_t inter, float alpha, 
     const fVec swish = g * sig;
     const fVec dswish = sig + valpha * swish * (one - sig);
     const fVec d = load_f(dy + i);
-    fVec dglu = at::vec::Vectorized<float>::blendv(d * (l + one) * dswish, zero, glu > vlimit);
-    fVec dlin = at::vec::Vectorized<float>::blendv(d * swish, zero, (lin > vlimit) | (lin < vnlimit));
+    fVec dglu = at::vec::Vectorized<float>::blendv(d * (l + one) * dswish, zero, glu >= vlimit);
+    fVec dlin = at::vec::Vectorized<float>::blendv(d * swish, zero, (lin >= vlimit) | (lin <= vnlimit));
     auto [o0, o1] = at::vec::interleave2(dglu, dlin);
     store_f(dh + 2 * i, o0);
     store_f(dh + 2 * i + kVecSize, o1);
@@ -384,7 +384,7 @@ namespace {
 // One row of the ATen-GEMM path's epilogue: h [nt] (weight rows o0..o0+nt of one grouped row) plus
 // bias -> out_row[o0/2 ...] (fused SwiGLU) or out_row[o0 ...].
 template <typename T>
-void epilogue_row(const T* h, T* out_row, int64_t o0, int64_t nt, const float* b, bool fused, double alpha,
+void epilogue_row(const float* h, T* out_row, int64_t o0, int64_t nt, const float* b, bool fused, double alpha,
                   double limit) {
   if (fused)
     swiglu_row(h, out_row + o0 / 2, nt / 2, static_cast<float>(alpha), clamp_limit(limit), b);
@@ -429,7 +429,9 @@ at::Tensor moe_grouped_gemm(const at::Tensor& x_in, const c10::optional<at::Tens
     return out;
   }
 
-  // ATen GEMM per (expert, weight-row tile), single-threaded inside one parallel region.
+  // ATen GEMM per (expert, weight-row tile) in float32 (float64 for float64), single-threaded
+  // inside one parallel region; the epilogue reads the float accumulators and rounds once.
+  const at::Tensor xa = xg.to(acc);
   const std::vector<TileTask> tasks = make_tile_tasks(g.offsets, m, kMmTile);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_grouped_gemm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -440,8 +442,9 @@ at::Tensor moe_grouped_gemm(const at::Tensor& x_in, const c10::optional<at::Tens
         [&](int64_t ti, int) {
           const TileTask& t = tasks[ti];
           const int64_t r0 = g.offsets[t.e], ne = g.offsets[t.e + 1] - r0;
-          const at::Tensor h = at::mm(xg.narrow(0, r0, ne), weight[t.e].narrow(0, t.o0, t.nt).t()).contiguous();
-          const scalar_t* ph = h.const_data_ptr<scalar_t>();
+          const at::Tensor h =
+              at::mm(xa.narrow(0, r0, ne), weight[t.e].narrow(0, t.o0, t.nt).to(acc).t()).contiguous();
+          const acc_t* ph = h.const_data_ptr<acc_t>();
           const acc_t* b = pb ? pb + t.e * m + t.o0 : nullptr;
           for (int64_t r = 0; r < ne; ++r)
             epilogue_row(ph + r * t.nt, po + (r0 + r) * mo, t.o0, t.nt, b, fused_swiglu, alpha, limit);

@@ -455,22 +455,19 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
           pbias, fused_swiglu, a, l, reinterpret_cast<at::BFloat16*>(po));
       return;
     }
-    // Fallback: dequantize the tile to x's dtype, ATen GEMM (single-threaded in the region).
+    // Fallback: decode the tile to float32, float32 ATen GEMM (single-threaded in the region).
+    const at::Tensor xf = xg.to(at::kFloat);
     run_tasks(
-        static_cast<int64_t>(tiled.size()), [&] { return at::empty({kMmTile, kdim}, x.options()); },
+        static_cast<int64_t>(tiled.size()), [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
         [&](int64_t ti, at::Tensor& tile) {
           const TileTask& t = tiled[ti];
           const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
           const uint8_t* be = pb + t.e * m * wrow;
           const uint8_t* se = ps + t.e * m * g;
-          scalar_t* pt = tile.mutable_data_ptr<scalar_t>();
-          alignas(64) float buf[32];
+          float* pt = tile.mutable_data_ptr<float>();
           for (int64_t o = t.o0; o < t.o0 + t.nt; ++o)
-            for (int64_t b = 0; b < g; ++b) {
-              decode_block(be + o * wrow + b * 16, se[o * g + b], buf);
-              for (int64_t c = 0; c < 32; c += kVecSize) store_f(pt + (o - t.o0) * kdim + b * 32 + c, fVec::loadu(buf + c));
-            }
-          const at::Tensor h = at::mm(xg.narrow(0, r0, ne), tile.narrow(0, 0, t.nt).t()).to(at::kFloat).contiguous();
+            for (int64_t b = 0; b < g; ++b) decode_block(be + o * wrow + b * 16, se[o * g + b], pt + (o - t.o0) * kdim + b * 32);
+          const at::Tensor h = at::mm(xf.narrow(0, r0, ne), tile.narrow(0, 0, t.nt).t()).contiguous();
           epilogue(h.const_data_ptr<float>(), t.nt, t.e, r0, ne, t.o0, t.nt);
         });
   });
