@@ -35,6 +35,50 @@ void check_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& lengths, const c10::optional<at::Tensor>& sinks,
                             double sm_scale, int64_t window, bool ring);
 
+// ---- Mixture of experts (schemas and contracts in registration.cpp).
+// moe_route(router_logits [T, E] float, 1 <= k <= E)
+void check_moe_route(const at::Tensor& router_logits, int64_t k);
+// moe_route_backward(grad_weights like weights, weights [T, k] float32/float64,
+// experts [T, k] int32, num_experts >= k)
+void check_moe_route_backward(const at::Tensor& grad_weights, const at::Tensor& weights,
+                              const at::Tensor& experts, int64_t num_experts);
+// moe_dispatch(experts [T, k] int32, num_experts >= 1). The id range needs the data: kernels
+// check it.
+void check_moe_dispatch(const at::Tensor& experts, int64_t num_experts);
+// swiglu(h [..., 2I] float, alpha finite, limit > 0 or +inf)
+void check_swiglu(const at::Tensor& h, double alpha, double limit);
+// swiglu_backward(grad_out [..., I] like h's dtype, h [..., 2I], ...)
+void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& h, double alpha, double limit);
+// moe_grouped_gemm(x [R, K], row_index [N] int32 or None, offsets [E+1] int32, weight [E, M, K],
+// bias [E, M] or None, fused_swiglu (M even), alpha, limit). Returns N (the grouped row count).
+int64_t check_moe_grouped_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& row_index,
+                               const at::Tensor& offsets, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, bool fused_swiglu, double alpha,
+                               double limit);
+// moe_grouped_gemm_backward(grad_out [N, M] in x's dtype, x, row_index, offsets, weight)
+void check_moe_grouped_gemm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const c10::optional<at::Tensor>& row_index,
+                                     const at::Tensor& offsets, const at::Tensor& weight);
+// moe_grouped_gemm_mxfp4(x [R, K] float32/bf16/fp16, row_index, offsets, blocks [E, M, K/32, 16]
+// uint8, scales [E, M, K/32] uint8, bias [E, M] or None, ...). Returns N.
+int64_t check_moe_grouped_gemm_mxfp4(const at::Tensor& x, const c10::optional<at::Tensor>& row_index,
+                                     const at::Tensor& offsets, const at::Tensor& blocks,
+                                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                     bool fused_swiglu, double alpha, double limit);
+// Host-side value checks of the grouping (CPU kernels): offsets nondecreasing from 0 to N,
+// row_index values in [0, R).
+void check_grouping_values(const at::Tensor& offsets, const c10::optional<at::Tensor>& row_index,
+                           int64_t n_rows, int64_t x_rows, const char* op);
+// moe_combine(y [N, d] float, order [N] int32, weights [T, k] float with T*k == N)
+void check_moe_combine(const at::Tensor& y, const at::Tensor& order, const at::Tensor& weights);
+// moe_combine_backward(grad_out [T, d] in y's dtype, y, order, weights)
+void check_moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& order,
+                                const at::Tensor& weights);
+// mxfp4_dequantize(blocks [..., G, 16] uint8, scales [..., G] uint8, dtype float)
+void check_mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales, c10::ScalarType dtype);
+// mxfp4_quantize(w [..., N] float, N % 32 == 0)
+void check_mxfp4_quantize(const at::Tensor& w);
+
 // Accumulation dtype of a float dtype: float64 for float64, else float32.
 inline c10::ScalarType acc_dtype(c10::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

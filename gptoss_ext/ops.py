@@ -4,7 +4,7 @@ Each public function documents shapes and dtypes; argument checks happen in C++ 
 that name the argument. Gradients run through the backward ops (CPU and CUDA kernels).
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -203,4 +203,313 @@ def _attention_decode_fake(q, k_cache, v_cache, lengths, sinks, sm_scale, window
     return q.new_empty(q.shape), q.new_empty((b, hq, tq), dtype=_acc_dtype(q.dtype))
 
 
-__all__ = ["rms_norm", "apply_rope", "attention", "kv_cache_append", "attention_decode"]
+# -------------------------------------------------------------- Mixture of experts (§2.4, §3.2)
+
+#: An expert weight: a dense [E, out, in] tensor or an MXFP4 (blocks [E, out, in/32, 16] uint8,
+#: scales [E, out, in/32] uint8) pair.
+ExpertWeight = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+def _limit(limit: Optional[float]) -> float:
+    return math.inf if limit is None else float(limit)
+
+
+def moe_route(router_logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Top-k then softmax over the k selected logits.
+
+    router_logits: [T, E] float (any float dtype); 1 <= k <= E. Returns weights [T, k] (float32,
+    float64 for float64 logits; each row sums to 1) and experts [T, k] int32 in descending logit
+    order, ties broken by the lower expert index. Differentiable in router_logits.
+    """
+    return _ops.moe_route(router_logits, int(k))
+
+
+@torch.library.register_fake("gptoss_ext::moe_route")
+def _moe_route_fake(router_logits, k):
+    t = router_logits.shape[0]
+    return (router_logits.new_empty((t, k), dtype=_acc_dtype(router_logits.dtype)),
+            router_logits.new_empty((t, k), dtype=torch.int32))
+
+
+@torch.library.register_fake("gptoss_ext::moe_route_backward")
+def _moe_route_backward_fake(grad_weights, weights, experts, num_experts):
+    return weights.new_empty((weights.shape[0], num_experts))
+
+
+def _moe_route_setup(ctx, inputs, output):
+    router_logits, _ = inputs
+    ctx.num_experts = router_logits.shape[1]
+    ctx.logits_dtype = router_logits.dtype
+    ctx.save_for_backward(output[0], output[1])
+
+
+def _moe_route_backward(ctx, grad_weights, grad_experts):
+    weights, experts = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None
+    grad = _ops.moe_route_backward(grad_weights.contiguous(), weights, experts, ctx.num_experts)
+    return grad.to(ctx.logits_dtype), None
+
+
+torch.library.register_autograd("gptoss_ext::moe_route", _moe_route_backward, setup_context=_moe_route_setup)
+
+
+def moe_dispatch(experts: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Group the (token, slot) pairs by expert (a stable counting sort).
+
+    experts: [T, k] int32, ids in [0, num_experts). Returns order [T*k] int32 (flat slot ids
+    t*k + j, expert 0's first, ascending within an expert), row_token [T*k] int32 (= order // k)
+    and offsets [num_experts + 1] int32 (expert e owns grouped rows offsets[e]:offsets[e+1]).
+    """
+    return _ops.moe_dispatch(experts, int(num_experts))
+
+
+@torch.library.register_fake("gptoss_ext::moe_dispatch")
+def _moe_dispatch_fake(experts, num_experts):
+    n = experts.shape[0] * experts.shape[1]
+    return (experts.new_empty((n,), dtype=torch.int32), experts.new_empty((n,), dtype=torch.int32),
+            experts.new_empty((num_experts + 1,), dtype=torch.int32))
+
+
+def swiglu(h: Tensor, alpha: float = 1.702, limit: Optional[float] = 7.0) -> Tensor:
+    """gpt-oss clamped SwiGLU over interleaved columns: h [..., 2I] -> [..., I].
+
+    glu = min(h[..., 0::2], limit), lin = clamp(h[..., 1::2], -limit, limit),
+    out = glu * sigmoid(alpha * glu) * (lin + 1); math in float32 (float64 for float64), output in
+    h's dtype. limit=None disables both clamps. Differentiable in h.
+    """
+    return _ops.swiglu(h, float(alpha), _limit(limit))
+
+
+@torch.library.register_fake("gptoss_ext::swiglu")
+def _swiglu_fake(h, alpha, limit):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.register_fake("gptoss_ext::swiglu_backward")
+def _swiglu_backward_fake(grad_out, h, alpha, limit):
+    return h.new_empty(h.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    h, alpha, limit = inputs
+    ctx.alpha, ctx.limit = alpha, limit
+    ctx.save_for_backward(h)
+
+
+def _swiglu_backward(ctx, grad_out):
+    (h,) = ctx.saved_tensors
+    return _ops.swiglu_backward(grad_out.contiguous(), h, ctx.alpha, ctx.limit), None, None
+
+
+torch.library.register_autograd("gptoss_ext::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+def moe_grouped_gemm(x: Tensor, offsets: Tensor, weight: ExpertWeight, bias: Optional[Tensor] = None,
+                     row_index: Optional[Tensor] = None, *, fused_swiglu: bool = False, alpha: float = 1.702,
+                     limit: Optional[float] = 7.0) -> Tensor:
+    """Per-expert linear layer over rows grouped by expert, optionally with the SwiGLU fused.
+
+    x: [R, K]; row_index: [N] int32 (grouped row r reads x[row_index[r]]; moe_dispatch's
+    row_token) or None (row r reads x[r], N = R); offsets: [E+1] int32 from moe_dispatch;
+    weight: [E, M, K] in x's dtype (openai layout: out, in) or an MXFP4 (blocks, scales) pair;
+    bias: [E, M] in x's dtype or None. Returns [N, M] (or [N, M/2] with fused_swiglu, the clamped
+    interleaved SwiGLU applied to each row). Differentiable in x, weight and bias for dense
+    weights; MXFP4 weights are inference-only (backward raises).
+    """
+    if isinstance(weight, (tuple, list)):
+        if len(weight) != 2:
+            raise ValueError("moe_grouped_gemm: an MXFP4 weight must be a (blocks, scales) pair")
+        return _ops.moe_grouped_gemm_mxfp4(x, row_index, offsets, weight[0], weight[1], bias, bool(fused_swiglu),
+                                           float(alpha), _limit(limit))
+    return _ops.moe_grouped_gemm(x, row_index, offsets, weight, bias, bool(fused_swiglu), float(alpha),
+                                 _limit(limit))
+
+
+def _grouped_gemm_out(x, row_index, m, fused_swiglu):
+    n = x.shape[0] if row_index is None else row_index.shape[0]
+    return x.new_empty((n, m // 2 if fused_swiglu else m))
+
+
+@torch.library.register_fake("gptoss_ext::moe_grouped_gemm")
+def _moe_grouped_gemm_fake(x, row_index, offsets, weight, bias, fused_swiglu, alpha, limit):
+    return _grouped_gemm_out(x, row_index, weight.shape[1], fused_swiglu)
+
+
+@torch.library.register_fake("gptoss_ext::moe_grouped_gemm_mxfp4")
+def _moe_grouped_gemm_mxfp4_fake(x, row_index, offsets, blocks, scales, bias, fused_swiglu, alpha, limit):
+    return _grouped_gemm_out(x, row_index, blocks.shape[1], fused_swiglu)
+
+
+@torch.library.register_fake("gptoss_ext::moe_grouped_gemm_backward")
+def _moe_grouped_gemm_backward_fake(grad_out, x, row_index, offsets, weight, output_mask):
+    e, m = weight.shape[0], weight.shape[1]
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            x.new_empty(weight.shape if output_mask[1] else (0,)),
+            x.new_empty((e, m) if output_mask[2] else (0,)))
+
+
+def _moe_grouped_gemm_setup(ctx, inputs, output):
+    x, row_index, offsets, weight, bias, fused_swiglu, alpha, limit = inputs
+    ctx.fused_swiglu, ctx.alpha, ctx.limit = fused_swiglu, alpha, limit
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, row_index, offsets, weight, bias)
+
+
+def _moe_grouped_gemm_backward(ctx, grad_out):
+    x, row_index, offsets, weight, bias = ctx.saved_tensors
+    grad_h = grad_out.contiguous()
+    if ctx.fused_swiglu:  # recompute the pre-activation, then undo the SwiGLU
+        h = _ops.moe_grouped_gemm(x, row_index, offsets, weight, bias, False, ctx.alpha, ctx.limit)
+        grad_h = _ops.swiglu_backward(grad_h, h, ctx.alpha, ctx.limit)
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[3]), bool(ctx.has_bias and need[4])]
+    gx, gw, gb = _ops.moe_grouped_gemm_backward(grad_h, x, row_index, offsets, weight, mask)
+    return (gx if mask[0] else None, None, None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("gptoss_ext::moe_grouped_gemm", _moe_grouped_gemm_backward,
+                                setup_context=_moe_grouped_gemm_setup)
+
+
+def _moe_grouped_gemm_mxfp4_setup(ctx, inputs, output):
+    pass
+
+
+def _moe_grouped_gemm_mxfp4_backward(ctx, grad_out):
+    raise RuntimeError("moe_grouped_gemm_mxfp4: MXFP4 expert weights are inference-only; there is no "
+                       "backward. Dequantize them (gptoss_ext.ops.mxfp4_dequantize) to train or to "
+                       "differentiate through the MoE block.")
+
+
+torch.library.register_autograd("gptoss_ext::moe_grouped_gemm_mxfp4", _moe_grouped_gemm_mxfp4_backward,
+                                setup_context=_moe_grouped_gemm_mxfp4_setup)
+
+
+def moe_combine(y: Tensor, order: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of each token's k expert outputs.
+
+    y: [N, d] grouped expert outputs (bias included); order: [N] int32 from moe_dispatch; weights:
+    [T, k] routing weights (any float dtype), N = T*k. out[t] = sum_j weights[t, j] * y[row of
+    slot t*k + j], in float32 (float64 for float64 y); returns [T, d] in y's dtype.
+    Differentiable in y and weights.
+    """
+    return _ops.moe_combine(y, order, weights)
+
+
+@torch.library.register_fake("gptoss_ext::moe_combine")
+def _moe_combine_fake(y, order, weights):
+    return y.new_empty((weights.shape[0], y.shape[1]))
+
+
+@torch.library.register_fake("gptoss_ext::moe_combine_backward")
+def _moe_combine_backward_fake(grad_out, y, order, weights):
+    return y.new_empty(y.shape), weights.new_empty(weights.shape)
+
+
+def _moe_combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _moe_combine_backward(ctx, grad_out):
+    y, order, weights = ctx.saved_tensors
+    gy, gw = _ops.moe_combine_backward(grad_out.contiguous(), y, order, weights)
+    return gy, None, gw
+
+
+torch.library.register_autograd("gptoss_ext::moe_combine", _moe_combine_backward, setup_context=_moe_combine_setup)
+
+
+def mxfp4_dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Decode MXFP4: blocks [..., G, 16] uint8 (low nibble = even element), scales [..., G] uint8
+    (E8M0, bias 127) -> [..., 32*G] in dtype; each value FP4_VALUES[nibble] * 2^(scale - 127)
+    formed exactly and rounded once (the rules of reference.mxfp4_dequantize)."""
+    return _ops.mxfp4_dequantize(blocks, scales, dtype)
+
+
+@torch.library.register_fake("gptoss_ext::mxfp4_dequantize")
+def _mxfp4_dequantize_fake(blocks, scales, dtype):
+    return blocks.new_empty((*scales.shape[:-1], 32 * scales.shape[-1]), dtype=dtype)
+
+
+def mxfp4_quantize(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """Encode w [..., N] (N % 32 == 0, finite) as MXFP4 along the last dim: returns blocks
+    [..., N/32, 16] uint8 and scales [..., N/32] uint8, exactly as reference.mxfp4_quantize
+    (nearest E2M1 value at the smallest scale that holds the block's max; ties to even)."""
+    return _ops.mxfp4_quantize(w)
+
+
+@torch.library.register_fake("gptoss_ext::mxfp4_quantize")
+def _mxfp4_quantize_fake(w):
+    g = w.shape[-1] // 32
+    return (w.new_empty((*w.shape[:-1], g, 16), dtype=torch.uint8),
+            w.new_empty((*w.shape[:-1], g), dtype=torch.uint8))
+
+
+def _expert_dims(weight: ExpertWeight, name: str) -> Tuple[int, int, int]:
+    """Logical [E, out, in] of a dense weight or an MXFP4 pair (shape errors name `name`)."""
+    if isinstance(weight, (tuple, list)):
+        if len(weight) != 2:
+            raise ValueError(f"moe_mlp: {name} as MXFP4 must be a (blocks, scales) pair, got {len(weight)} items")
+        blocks = weight[0]
+        if blocks.dim() != 4 or blocks.shape[-1] != 16:
+            raise ValueError(f"moe_mlp: {name} blocks must be [E, out, in/32, 16], got {tuple(blocks.shape)}")
+        return blocks.shape[0], blocks.shape[1], 32 * blocks.shape[2]
+    if weight.dim() != 3:
+        raise ValueError(f"moe_mlp: {name} must be [E, out, in], got {tuple(weight.shape)}")
+    return tuple(weight.shape)
+
+
+def moe_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Tensor, mlp1_weight: ExpertWeight, mlp1_bias: Tensor,
+            mlp2_weight: ExpertWeight, mlp2_bias: Tensor, *, k: int = 4, alpha: float = 1.702,
+            limit: Optional[float] = 7.0) -> Tensor:
+    """The gpt-oss MoE block (after its RMSNorm, before the residual), spec §2.4, on native ops.
+
+    x: [T, d] float; gate_weight [E, d], gate_bias [E]; mlp1_weight [E, 2I, d] or an MXFP4
+    (blocks [E, 2I, d/32, 16], scales [E, 2I, d/32]) pair, mlp1_bias [E, 2I]; mlp2_weight
+    [E, d, I] or a pair, mlp2_bias [E, d]. Dense weights and all biases are cast to x's dtype.
+    Router logits = x @ gate_weight^T + gate_bias (in x's dtype); top-k then softmax (float32);
+    for each selected expert, y = W2 swiglu(W1 x + b1) + b2; out = sum of the routing-weighted y.
+    Returns [T, d] in x's dtype. Differentiable in x, the router and every dense expert weight and
+    bias; MXFP4 weights are inference-only (backward raises).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"moe_mlp: x must be [T, d], got {tuple(x.shape)}")
+    d = x.shape[1]
+    n_experts = gate_weight.shape[0]
+    if gate_weight.dim() != 2 or gate_weight.shape[1] != d or tuple(gate_bias.shape) != (n_experts,):
+        raise ValueError(f"moe_mlp: gate_weight must be [E, d={d}] and gate_bias [E]; got "
+                         f"{tuple(gate_weight.shape)}, {tuple(gate_bias.shape)}")
+    e1, two_i, d1 = _expert_dims(mlp1_weight, "mlp1_weight")
+    e2, d2, inter = _expert_dims(mlp2_weight, "mlp2_weight")
+    if e1 != n_experts or d1 != d or two_i % 2 or tuple(mlp1_bias.shape) != (n_experts, two_i):
+        raise ValueError(f"moe_mlp: mlp1_weight must be [E={n_experts}, 2I, d={d}] with mlp1_bias [E, 2I]; got "
+                         f"{(e1, two_i, d1)}, mlp1_bias {tuple(mlp1_bias.shape)}")
+    if e2 != n_experts or d2 != d or inter != two_i // 2 or tuple(mlp2_bias.shape) != (n_experts, d):
+        raise ValueError(f"moe_mlp: mlp2_weight must be [E={n_experts}, d={d}, I={two_i // 2}] with mlp2_bias "
+                         f"[E, d]; got {(e2, d2, inter)}, mlp2_bias {tuple(mlp2_bias.shape)}")
+
+    dtype = x.dtype
+
+    def dense(w):
+        return w if isinstance(w, (tuple, list)) else w.to(dtype)
+
+    logits = torch.nn.functional.linear(x, gate_weight.to(dtype), gate_bias.to(dtype))
+    weights, experts = moe_route(logits, k)
+    order, row_token, offsets = moe_dispatch(experts, n_experts)
+    w1, b1, w2, b2 = dense(mlp1_weight), mlp1_bias.to(dtype), dense(mlp2_weight), mlp2_bias.to(dtype)
+    training = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_weight, gate_bias, b1, b2, *(w for w in (w1, w2) if isinstance(w, Tensor))))
+    if training:  # keep h for the backward instead of recomputing it
+        h = moe_grouped_gemm(x, offsets, w1, b1, row_token)
+        a = swiglu(h, alpha, limit)
+    else:
+        a = moe_grouped_gemm(x, offsets, w1, b1, row_token, fused_swiglu=True, alpha=alpha, limit=limit)
+    y = moe_grouped_gemm(a, offsets, w2, b2)
+    return moe_combine(y, order, weights)
+
+
+__all__ = ["rms_norm", "apply_rope", "attention", "kv_cache_append", "attention_decode", "moe_route",
+           "moe_dispatch", "swiglu", "moe_grouped_gemm", "moe_combine", "mxfp4_dequantize", "mxfp4_quantize",
+           "moe_mlp"]

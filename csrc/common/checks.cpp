@@ -178,3 +178,242 @@ void check_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
 }
 
 }  // namespace gptoss
+
+// ---------------------------------------------------------------------- Mixture of experts
+namespace gptoss {
+namespace {
+
+void check_int32(const at::Tensor& t, const char* op, const char* name) {
+  check_defined(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+}
+
+void check_uint8(const at::Tensor& t, const char* op, const char* name) {
+  check_defined(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kByte, op, ": ", name, " must be uint8, got ", t.scalar_type());
+}
+
+void check_limits(double alpha, double limit, const char* op) {
+  check_finite(alpha, op, "alpha");
+  TORCH_CHECK(limit > 0, op, ": limit must be > 0 (+inf disables the clamp), got ", limit);
+}
+
+// The grouping shared by the dense and MXFP4 GEMMs: x [R, K], row_index [N] or None, offsets [E+1].
+// Returns N.
+int64_t check_grouping(const at::Tensor& x, const c10::optional<at::Tensor>& row_index,
+                       const at::Tensor& offsets, int64_t num_experts, const char* op) {
+  check_dim(x, 2, op, "x", "[R, K]");
+  int64_t n = x.size(0);
+  if (row_index.has_value() && row_index->defined()) {
+    check_int32(*row_index, op, "row_index");
+    check_dim(*row_index, 1, op, "row_index", "[N]");
+    check_same_device(x, *row_index, op, "x", "row_index");
+    n = row_index->size(0);
+  }
+  check_int32(offsets, op, "offsets");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == num_experts + 1, op, ": offsets must be [E+1] = [",
+              num_experts + 1, "] (E from the expert weights), got shape ", offsets.sizes());
+  check_same_device(x, offsets, op, "x", "offsets");
+  return n;
+}
+
+void check_gemm_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t e, int64_t m,
+                     const char* op) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_same_dtype(x, *bias, op, "x", "bias");
+  check_same_device(x, *bias, op, "x", "bias");
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) == e && bias->size(1) == m, op, ": bias must be [E, M] = [",
+              e, ", ", m, "], got shape ", bias->sizes());
+}
+
+}  // namespace
+
+void check_moe_route(const at::Tensor& router_logits, int64_t k) {
+  const char* op = "moe_route";
+  check_float(router_logits, op, "router_logits");
+  check_dim(router_logits, 2, op, "router_logits", "[T, E]");
+  const int64_t e = router_logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= e, op, ": k must be in [1, E] = [1, ", e, "] (E = router_logits.size(1)), got ", k);
+}
+
+void check_moe_route_backward(const at::Tensor& grad_weights, const at::Tensor& weights,
+                              const at::Tensor& experts, int64_t num_experts) {
+  const char* op = "moe_route_backward";
+  check_dtype_in(weights, op, "weights", {at::kFloat, at::kDouble});
+  check_dim(weights, 2, op, "weights", "[T, k]");
+  check_float(grad_weights, op, "grad_weights");
+  TORCH_CHECK(grad_weights.sizes() == weights.sizes(), op, ": grad_weights must have weights' shape ",
+              weights.sizes(), ", got ", grad_weights.sizes());
+  check_int32(experts, op, "experts");
+  TORCH_CHECK(experts.sizes() == weights.sizes(), op, ": experts must have weights' shape ", weights.sizes(),
+              ", got ", experts.sizes());
+  TORCH_CHECK(num_experts >= weights.size(1), op, ": num_experts must be >= k = ", weights.size(1), ", got ",
+              num_experts);
+  check_same_device(weights, grad_weights, op, "weights", "grad_weights");
+  check_same_device(weights, experts, op, "weights", "experts");
+}
+
+void check_moe_dispatch(const at::Tensor& experts, int64_t num_experts) {
+  const char* op = "moe_dispatch";
+  check_int32(experts, op, "experts");
+  check_dim(experts, 2, op, "experts", "[T, k]");
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(experts.size(1) >= 1, op, ": experts must have k >= 1 columns, got shape ", experts.sizes());
+  TORCH_CHECK(experts.numel() < (int64_t{1} << 31), op, ": experts has ", experts.numel(),
+              " entries; int32 indices allow < 2^31");
+}
+
+void check_swiglu(const at::Tensor& h, double alpha, double limit) {
+  const char* op = "swiglu";
+  check_float(h, op, "h");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) % 2 == 0, op,
+              ": h must be [..., 2I] with an even last dim (interleaved glu/linear pairs), got shape ", h.sizes());
+  check_limits(alpha, limit, op);
+}
+
+void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& h, double alpha, double limit) {
+  const char* op = "swiglu_backward";
+  check_float(h, op, "h");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) % 2 == 0, op, ": h must be [..., 2I] with an even last dim, got shape ",
+              h.sizes());
+  check_float(grad_out, op, "grad_out");
+  check_same_dtype(h, grad_out, op, "h", "grad_out");
+  check_same_device(h, grad_out, op, "h", "grad_out");
+  auto expected = h.sizes().vec();
+  expected.back() /= 2;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), op, ": grad_out must be [..., I] = ",
+              at::IntArrayRef(expected), ", got ", grad_out.sizes());
+  check_limits(alpha, limit, op);
+}
+
+int64_t check_moe_grouped_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& row_index,
+                               const at::Tensor& offsets, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, bool fused_swiglu, double alpha,
+                               double limit) {
+  const char* op = "moe_grouped_gemm";
+  check_float(x, op, "x");
+  check_dim(weight, 3, op, "weight", "[E, M, K]");
+  check_same_dtype(x, weight, op, "x", "weight");
+  check_same_device(x, weight, op, "x", "weight");
+  const int64_t n = check_grouping(x, row_index, offsets, weight.size(0), op);
+  TORCH_CHECK(weight.size(2) == x.size(1), op, ": weight must be [E, M, K] with K = x.size(1) = ", x.size(1),
+              ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) >= 1, op, ": weight must hold at least one expert, got shape ", weight.sizes());
+  check_gemm_bias(bias, x, weight.size(0), weight.size(1), op);
+  if (fused_swiglu) {
+    TORCH_CHECK(weight.size(1) % 2 == 0, op, ": fused_swiglu needs an even M (interleaved pairs), got weight ",
+                weight.sizes());
+    check_limits(alpha, limit, op);
+  }
+  return n;
+}
+
+void check_moe_grouped_gemm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const c10::optional<at::Tensor>& row_index,
+                                     const at::Tensor& offsets, const at::Tensor& weight) {
+  const char* op = "moe_grouped_gemm_backward";
+  const int64_t n = check_moe_grouped_gemm(x, row_index, offsets, weight, c10::nullopt, false, 0.0, 1.0);
+  check_float(grad_out, op, "grad_out");
+  check_same_dtype(x, grad_out, op, "x", "grad_out");
+  check_same_device(x, grad_out, op, "x", "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == n && grad_out.size(1) == weight.size(1), op,
+              ": grad_out must be [N, M] = [", n, ", ", weight.size(1), "], got shape ", grad_out.sizes());
+}
+
+int64_t check_moe_grouped_gemm_mxfp4(const at::Tensor& x, const c10::optional<at::Tensor>& row_index,
+                                     const at::Tensor& offsets, const at::Tensor& blocks,
+                                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                     bool fused_swiglu, double alpha, double limit) {
+  const char* op = "moe_grouped_gemm_mxfp4";
+  check_dtype_in(x, op, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_uint8(blocks, op, "blocks");
+  check_uint8(scales, op, "scales");
+  check_dim(blocks, 4, op, "blocks", "[E, M, K/32, 16]");
+  check_dim(scales, 3, op, "scales", "[E, M, K/32]");
+  check_same_device(x, blocks, op, "x", "blocks");
+  check_same_device(x, scales, op, "x", "scales");
+  const int64_t n = check_grouping(x, row_index, offsets, blocks.size(0), op);
+  TORCH_CHECK(x.size(1) % 32 == 0, op, ": x's reduction dim K = ", x.size(1),
+              " must be a multiple of 32 (the MXFP4 block size)");
+  TORCH_CHECK(blocks.size(3) == 16 && blocks.size(2) * 32 == x.size(1), op,
+              ": blocks must be [E, M, K/32, 16] with K/32 = ", x.size(1) / 32, ", got shape ", blocks.sizes());
+  TORCH_CHECK(scales.size(0) == blocks.size(0) && scales.size(1) == blocks.size(1) &&
+                  scales.size(2) == blocks.size(2),
+              op, ": scales must be [E, M, K/32] = ", blocks.sizes().slice(0, 3), " (blocks' leading dims), got ",
+              scales.sizes());
+  TORCH_CHECK(blocks.size(0) >= 1, op, ": blocks must hold at least one expert, got shape ", blocks.sizes());
+  check_gemm_bias(bias, x, blocks.size(0), blocks.size(1), op);
+  if (fused_swiglu) {
+    TORCH_CHECK(blocks.size(1) % 2 == 0, op, ": fused_swiglu needs an even M (interleaved pairs), got blocks ",
+                blocks.sizes());
+    check_limits(alpha, limit, op);
+  }
+  return n;
+}
+
+void check_grouping_values(const at::Tensor& offsets, const c10::optional<at::Tensor>& row_index,
+                           int64_t n_rows, int64_t x_rows, const char* op) {
+  const at::Tensor off = offsets.contiguous();
+  const int32_t* o = off.const_data_ptr<int32_t>();
+  const int64_t e = off.numel() - 1;
+  TORCH_CHECK(o[0] == 0 && o[e] == n_rows, op, ": offsets must run from 0 to N = ", n_rows,
+              " (the grouped row count), got offsets[0] = ", o[0], " and offsets[E] = ", o[e]);
+  for (int64_t i = 0; i < e; ++i)
+    TORCH_CHECK(o[i] <= o[i + 1], op, ": offsets must be nondecreasing, got offsets[", i, "] = ", o[i],
+                " > offsets[", i + 1, "] = ", o[i + 1]);
+  if (row_index.has_value() && row_index->defined()) {
+    const at::Tensor ri = row_index->contiguous();
+    const int32_t* p = ri.const_data_ptr<int32_t>();
+    for (int64_t r = 0; r < ri.numel(); ++r)
+      TORCH_CHECK(p[r] >= 0 && p[r] < x_rows, op, ": row_index values must be in [0, R) = [0, ", x_rows,
+                  ") (R = x.size(0)), got row_index[", r, "] = ", p[r]);
+  }
+}
+
+void check_moe_combine(const at::Tensor& y, const at::Tensor& order, const at::Tensor& weights) {
+  const char* op = "moe_combine";
+  check_float(y, op, "y");
+  check_dim(y, 2, op, "y", "[N, d]");
+  check_int32(order, op, "order");
+  TORCH_CHECK(order.dim() == 1 && order.size(0) == y.size(0), op, ": order must be [N] = [", y.size(0),
+              "] (y's rows), got shape ", order.sizes());
+  check_float(weights, op, "weights");
+  check_dim(weights, 2, op, "weights", "[T, k]");
+  TORCH_CHECK(weights.size(1) >= 1 && weights.size(0) * weights.size(1) == y.size(0), op,
+              ": weights must be [T, k] with T*k = N = ", y.size(0), " (y's rows), got shape ", weights.sizes());
+  check_same_device(y, order, op, "y", "order");
+  check_same_device(y, weights, op, "y", "weights");
+}
+
+void check_moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& order,
+                                const at::Tensor& weights) {
+  check_moe_combine(y, order, weights);
+  const char* op = "moe_combine_backward";
+  check_float(grad_out, op, "grad_out");
+  check_same_dtype(y, grad_out, op, "y", "grad_out");
+  check_same_device(y, grad_out, op, "y", "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == weights.size(0) && grad_out.size(1) == y.size(1), op,
+              ": grad_out must be [T, d] = [", weights.size(0), ", ", y.size(1), "], got shape ", grad_out.sizes());
+}
+
+void check_mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales, c10::ScalarType dtype) {
+  const char* op = "mxfp4_dequantize";
+  check_uint8(blocks, op, "blocks");
+  check_uint8(scales, op, "scales");
+  TORCH_CHECK(blocks.dim() >= 2 && blocks.size(-1) == 16, op, ": blocks must be [..., G, 16], got shape ",
+              blocks.sizes());
+  TORCH_CHECK(scales.sizes() == blocks.sizes().slice(0, blocks.dim() - 1), op, ": scales must be [..., G] = ",
+              blocks.sizes().slice(0, blocks.dim() - 1), " (blocks' shape without the last dim), got ",
+              scales.sizes());
+  check_same_device(blocks, scales, op, "blocks", "scales");
+  TORCH_CHECK(is_float_dtype(dtype), op, ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+}
+
+void check_mxfp4_quantize(const at::Tensor& w) {
+  const char* op = "mxfp4_quantize";
+  check_float(w, op, "w");
+  TORCH_CHECK(w.dim() >= 1 && w.size(-1) % 32 == 0, op,
+              ": w's last dim must be a multiple of 32 (the MXFP4 block size), got shape ", w.sizes());
+}
+
+}  // namespace gptoss

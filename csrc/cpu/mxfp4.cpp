@@ -1,0 +1,485 @@
+// MXFP4 on the CPU (spec §3.2): dequantize, quantize, and the grouped expert GEMM with MXFP4
+// weights decoded inside the kernel (W4A16). Element decoding is moe_math.h's: value =
+// e2m1_twice(nibble) * e8m0_half_scale(scale), exact; the AVX-512 paths look the 16 doubled E2M1
+// values up with one permute and multiply by the same half scale. Contracts: registration.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "common/dispatch.h"
+#include "common/moe_math.h"
+#include "common/vec.h"
+#include "cpu/moe_cpu.h"
+#include "ops.h"
+
+namespace gptoss::cpu {
+namespace {
+
+// e8m0_half_scale for every scale byte, and the 16 doubled E2M1 values.
+struct Tables {
+  alignas(64) float half_scale[256];
+  alignas(64) float twice[16];
+  Tables() {
+    for (uint32_t s = 0; s < 256; ++s) half_scale[s] = e8m0_half_scale(s);
+    for (uint32_t n = 0; n < 16; ++n) twice[n] = e2m1_twice(n);
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// Decode one 32-element block to floats in natural element order.
+inline void decode_block(const uint8_t* b, uint8_t s, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Tables& tb = tables();
+  const __m512 lut = _mm512_load_ps(tb.twice);
+  const __m512 sc = _mm512_set1_ps(tb.half_scale[s]);
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut), sc);
+  const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
+  // interleave: element 2j = lo[j], 2j+1 = hi[j]
+  const __m512i idx0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i idx1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, idx0, hi));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, idx1, hi));
+#else
+  const float hs = e8m0_half_scale(s);
+  for (int j = 0; j < 16; ++j) {
+    out[2 * j] = e2m1_twice(b[j] & 15u) * hs;
+    out[2 * j + 1] = e2m1_twice(b[j] >> 4) * hs;
+  }
+#endif
+}
+
+// ----------------------------------------------------------------------------- Dequantize
+
+at::Tensor mxfp4_dequantize(const at::Tensor& blocks_in, const at::Tensor& scales_in, at::ScalarType dtype) {
+  check_mxfp4_dequantize(blocks_in, scales_in, dtype);
+  const at::Tensor blocks = blocks_in.contiguous(), scales = scales_in.contiguous();
+  auto shape = scales.sizes().vec();
+  const int64_t nblk = scales.numel();
+  shape.back() *= 32;
+  at::Tensor out = at::empty(shape, blocks.options().dtype(dtype));
+  if (nblk == 0) return out;
+  const uint8_t* pb = blocks.const_data_ptr<uint8_t>();
+  const uint8_t* ps = scales.const_data_ptr<uint8_t>();
+  if (dtype == at::kDouble) {
+    double* po = out.mutable_data_ptr<double>();
+    at::parallel_for(0, nblk, 2048, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const double hs = e8m0_half_scale(ps[i]);  // exact in double: no overflow at scale 255
+        for (int j = 0; j < 16; ++j) {
+          po[i * 32 + 2 * j] = static_cast<double>(e2m1_twice(pb[i * 16 + j] & 15u)) * hs;
+          po[i * 32 + 2 * j + 1] = static_cast<double>(e2m1_twice(pb[i * 16 + j] >> 4)) * hs;
+        }
+      }
+    });
+    return out;
+  }
+  GPTOSS_DISPATCH_FLOAT_HALF_BF16(dtype, "mxfp4_dequantize", [&] {
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nblk, 2048, [&](int64_t b0, int64_t b1) {
+      alignas(64) float buf[32];
+      for (int64_t i = b0; i < b1; ++i) {
+        decode_block(pb + i * 16, ps[i], buf);
+        for (int64_t c = 0; c < 32; c += kVecSize) store_f(po + i * 32 + c, fVec::loadu(buf + c));
+      }
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------- Quantize
+
+template <typename TIn, typename TC>
+bool quantize_block(const TIn* w, uint8_t* blk, uint8_t* sc) {
+  TC v[32];
+  TC amax = 0;
+  for (int i = 0; i < 32; ++i) {
+    v[i] = static_cast<TC>(w[i]);
+    if (!std::isfinite(v[i])) return false;
+    amax = std::max(amax, std::abs(v[i]));
+  }
+  int ex = 0;
+  const TC mant = std::frexp(amax, &ex);  // amax = mant * 2^ex, mant in [0.5, 1)
+  int e = amax == 0 ? 0 : (mant <= TC(0.75) ? ex - 3 : ex - 2);  // smallest e with amax <= 6 * 2^e
+  e = std::min(127, std::max(-127, e));
+  *sc = static_cast<uint8_t>(e + 127);
+  const TC inv = std::ldexp(TC(1), -e);  // exact; w * 2^-e rounds exactly as w / 2^e
+  uint8_t nib[32];
+  for (int i = 0; i < 32; ++i) {
+    const TC y = v[i] * inv, m = std::abs(y);
+    // nearest E2M1 magnitude index, ties to the even index (mantissa bit 0)
+    const int idx = (m > TC(0.25)) + (m >= TC(0.75)) + (m > TC(1.25)) + (m >= TC(1.75)) + (m > TC(2.5)) +
+                    (m >= TC(3.5)) + (m > TC(5.0));
+    nib[i] = static_cast<uint8_t>(idx + ((y < 0 && idx > 0) ? 8 : 0));
+  }
+  for (int j = 0; j < 16; ++j) blk[j] = static_cast<uint8_t>(nib[2 * j] | (nib[2 * j + 1] << 4));
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& w_in) {
+  check_mxfp4_quantize(w_in);
+  const at::Tensor w = w_in.contiguous();
+  auto sshape = w.sizes().vec();
+  sshape.back() /= 32;
+  auto bshape = sshape;
+  bshape.push_back(16);
+  at::Tensor blocks = at::empty(bshape, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(sshape, w.options().dtype(at::kByte));
+  const int64_t nblk = scales.numel();
+  if (nblk == 0) return {blocks, scales};
+  uint8_t* pb = blocks.mutable_data_ptr<uint8_t>();
+  uint8_t* ps = scales.mutable_data_ptr<uint8_t>();
+  std::atomic<bool> finite{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "mxfp4_quantize", [&] {
+    const scalar_t* pw = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, nblk, 1024, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const bool ok = std::is_same_v<scalar_t, double>
+                            ? quantize_block<scalar_t, double>(pw + i * 32, pb + i * 16, ps + i)
+                            : quantize_block<scalar_t, float>(pw + i * 32, pb + i * 16, ps + i);
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+      }
+    });
+  });
+  TORCH_CHECK(finite.load(), "mxfp4_quantize: w must be finite (found inf or NaN)");
+  return {blocks, scales};
+}
+
+// ------------------------------------------------------------------- Grouped GEMM (W4A16)
+
+// Grouped rows at most this many per expert take the direct kernel (decode each weight row once
+// and dot it with every row); more rows dequantize a tile of weight rows and run a GEMM on it.
+constexpr int64_t kDirectMaxRows = 16;
+// Weight rows per task of the tiled path (even, so SwiGLU pairs stay whole).
+constexpr int64_t kTileRows = 64;
+
+// Row layout of the direct kernel's float input: per 32-block, the 16 even elements then the 16
+// odd ones, so that the low / high nibbles of the 16 bytes meet their inputs without a shuffle.
+template <typename T>
+void split_row(const T* src, float* dst, int64_t k) {
+  for (int64_t b = 0; b < k; b += 32)
+    for (int j = 0; j < 16; ++j) {
+      dst[b + j] = static_cast<float>(src[b + 2 * j]);
+      dst[b + 16 + j] = static_cast<float>(src[b + 2 * j + 1]);
+    }
+}
+
+// h[r * ldh + (o - o0)] = sum_c W[o, c] * x_r[c] for weight rows o in [o0, o1) and NR input rows.
+template <int NR>
+void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t o1, const float* xs,
+                 int64_t ldx, float* h, int64_t ldh) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Tables& tb = tables();
+  const __m512 lut = _mm512_load_ps(tb.twice);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* bo = blocks + o * g * 16;
+    const uint8_t* so = scales + o * g;
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < g; ++b) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bo + b * 16)));
+      const __m512 sc = _mm512_set1_ps(tb.half_scale[so[b]]);
+      const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
+      const __m512 wh = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
+      for (int r = 0; r < NR; ++r) {
+        const float* xr = xs + r * ldx + b * 32;
+        acc[r] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[r]);
+        acc[r] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) h[r * ldh + (o - o0)] = _mm512_reduce_add_ps(acc[r]);
+  }
+#else
+  for (int64_t o = o0; o < o1; ++o) {
+    float acc[NR] = {};
+    for (int64_t b = 0; b < g; ++b) {
+      const float hs = e8m0_half_scale(scales[o * g + b]);
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = blocks[(o * g + b) * 16 + j];
+        const float wl = e2m1_twice(byte & 15u) * hs, wh = e2m1_twice(byte >> 4) * hs;
+        for (int r = 0; r < NR; ++r) acc[r] += wl * xs[r * ldx + b * 32 + j] + wh * xs[r * ldx + b * 32 + 16 + j];
+      }
+    }
+    for (int r = 0; r < NR; ++r) h[r * ldh + (o - o0)] = acc[r];
+  }
+#endif
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same dot products for bfloat16 inputs on AVX512-BF16: each byte's two nibbles become a bf16
+// pair in natural element order (vpermw over the 16 doubled E2M1 values), vdpbf16ps multiplies
+// them with the input pairs (exact products, float sums), and the block's half scale is applied
+// with one fma. xb: [NR, ldx] bf16 rows in natural order. Two weight rows at a time (two memory
+// streams).
+#define GPTOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+template <int NR>
+GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0,
+                                         int64_t o1, const at::BFloat16* xb, int64_t ldx, float* h, int64_t ldh) {
+  const Tables& tb = tables();
+  alignas(64) uint16_t lut16[32];
+  for (int i = 0; i < 32; ++i) lut16[i] = c10::BFloat16(tb.twice[i & 15]).x;
+  const __m512i lut = _mm512_load_si512(lut16);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  int64_t o = o0;
+  for (; o + 2 <= o1; o += 2) {
+    const uint8_t* b0 = blocks + o * g * 16;
+    const uint8_t* b1 = b0 + g * 16;
+    const uint8_t* s0 = scales + o * g;
+    const uint8_t* s1 = s0 + g;
+    __m512 acc0[NR], acc1[NR];
+    for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < g; ++b) {
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + b * 16)));
+      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + b * 16)));
+      // dword j = (b_j & 15) | (b_j >> 4) << 16: word 2j indexes element 2j, word 2j+1 element 2j+1
+      const __m512i w0 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v0, _mm512_slli_epi32(v0, 12), nib, 0xA8), lut);
+      const __m512i w1 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v1, _mm512_slli_epi32(v1, 12), nib, 0xA8), lut);
+      const __m512 sc0 = _mm512_set1_ps(tb.half_scale[s0[b]]);
+      const __m512 sc1 = _mm512_set1_ps(tb.half_scale[s1[b]]);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * ldx + b * 32);
+        acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, xv), sc0, acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w1, xv), sc1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      h[r * ldh + (o - o0)] = _mm512_reduce_add_ps(acc0[r]);
+      h[r * ldh + (o + 1 - o0)] = _mm512_reduce_add_ps(acc1[r]);
+    }
+  }
+  for (; o < o1; ++o) {
+    const uint8_t* b0 = blocks + o * g * 16;
+    const uint8_t* s0 = scales + o * g;
+    __m512 acc0[NR];
+    for (int r = 0; r < NR; ++r) acc0[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < g; ++b) {
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + b * 16)));
+      const __m512i w0 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v0, _mm512_slli_epi32(v0, 12), nib, 0xA8), lut);
+      const __m512 sc0 = _mm512_set1_ps(tb.half_scale[s0[b]]);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * ldx + b * 32);
+        acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, xv), sc0, acc0[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) h[r * ldh + (o - o0)] = _mm512_reduce_add_ps(acc0[r]);
+  }
+}
+
+GPTOSS_BF16_TARGET void direct_rows_bf16_any(int nr, const uint8_t* blocks, const uint8_t* scales, int64_t g,
+                                             int64_t o0, int64_t o1, const at::BFloat16* xb, int64_t ldx, float* h,
+                                             int64_t ldh) {
+  switch (nr) {
+    case 1: return direct_rows_bf16<1>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 2: return direct_rows_bf16<2>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 3: return direct_rows_bf16<3>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 4: return direct_rows_bf16<4>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 5: return direct_rows_bf16<5>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 6: return direct_rows_bf16<6>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    case 7: return direct_rows_bf16<7>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+    default: return direct_rows_bf16<8>(blocks, scales, g, o0, o1, xb, ldx, h, ldh);
+  }
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+#else
+bool cpu_has_avx512_bf16() { return false; }
+void direct_rows_bf16_any(int, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, const at::BFloat16*,
+                          int64_t, float*, int64_t) {}
+#endif
+
+void direct_rows_any(int nr, const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t o1,
+                     const float* xs, int64_t ldx, float* h, int64_t ldh) {
+  switch (nr) {
+    case 1: return direct_rows<1>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 2: return direct_rows<2>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 3: return direct_rows<3>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 4: return direct_rows<4>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 5: return direct_rows<5>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 6: return direct_rows<6>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    case 7: return direct_rows<7>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+    default: return direct_rows<8>(blocks, scales, g, o0, o1, xs, ldx, h, ldh);
+  }
+}
+
+// MXFP4 weight tile -> VNNI words (i, n) = bf16 pair (W[o0+n, 2i], W[o0+n, 2i+1]) = the decoded
+// byte i of row o0 + n. Decoded values are exact in bf16 (at most 2 significant bits, float's
+// exponent range), so the bf16 bits are the float's upper 16 bits.
+void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt,
+                     uint32_t* vnni) {
+  int64_t nb = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const Tables& tb = tables();
+  const __m512 lut = _mm512_load_ps(tb.twice);
+  const __m512i low4 = _mm512_set1_epi32(15), high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512i r[16];
+  for (; nb + 16 <= nt; nb += 16)
+    for (int64_t b = 0; b < g; ++b) {
+      for (int j = 0; j < 16; ++j) {
+        const int64_t row = o0 + nb + j;
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (row * g + b) * 16)));
+        const __m512 sc = _mm512_set1_ps(tb.half_scale[scales[row * g + b]]);
+        const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
+        const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
+        r[j] = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                               _mm512_and_si512(_mm512_castps_si512(hi), high16));
+      }
+      transpose16x16_u32(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vnni + (b * 16 + j) * nt + nb, r[j]);
+    }
+#endif
+  for (; nb < nt; ++nb) {
+    const int64_t row = o0 + nb;
+    for (int64_t b = 0; b < g; ++b) {
+      const float hs = e8m0_half_scale(scales[row * g + b]);
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = blocks[(row * g + b) * 16 + j];
+        const uint32_t lo = c10::BFloat16(e2m1_twice(byte & 15u) * hs).x;
+        const uint32_t hi = c10::BFloat16(e2m1_twice(byte >> 4) * hs).x;
+        vnni[(b * 16 + j) * nt + nb] = lo | (hi << 16);
+      }
+    }
+  }
+}
+
+// Weight rows per task of the ATen-GEMM fallback of the tiled path.
+constexpr int64_t kMmTile = 128;
+
+at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at::Tensor>& row_index,
+                                  const at::Tensor& offsets, const at::Tensor& blocks_in, const at::Tensor& scales_in,
+                                  const c10::optional<at::Tensor>& bias_in, bool fused_swiglu, double alpha,
+                                  double limit) {
+  const int64_t n = check_moe_grouped_gemm_mxfp4(x_in, row_index, offsets, blocks_in, scales_in, bias_in,
+                                                 fused_swiglu, alpha, limit);
+  const at::Tensor x = x_in.contiguous(), blocks = blocks_in.contiguous(), scales = scales_in.contiguous();
+  const Grouping grp = make_grouping(offsets, row_index, n, x.size(0), "moe_grouped_gemm_mxfp4");
+  const int64_t e_count = blocks.size(0), m = blocks.size(1), g = blocks.size(2), kdim = g * 32;
+  const int64_t mo = fused_swiglu ? m / 2 : m;
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor bias = has_bias ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({n, mo}, x.options());
+  if (n == 0 || mo == 0) return out;
+  const float a = static_cast<float>(alpha), l = clamp_limit(limit);
+  const uint8_t* pb = blocks.const_data_ptr<uint8_t>();
+  const uint8_t* ps = scales.const_data_ptr<uint8_t>();
+  const float* pbias = has_bias ? bias.const_data_ptr<float>() : nullptr;
+  const int64_t wrow = g * 16;  // bytes per weight row
+
+  // Direct kernel for experts with few rows: weight-row tiles sized so that every thread gets
+  // several tasks even for one expert (decode: T = 1 touches k experts).
+  const int64_t direct_tile =
+      std::max<int64_t>(16, (m / (4 * std::max<int64_t>(1, at::get_num_threads()))) & ~int64_t{15});
+  const std::vector<TileTask> direct = make_tile_tasks(grp.offsets, m, direct_tile, 1, kDirectMaxRows);
+  const bool vnni = x.scalar_type() == at::kBFloat16 && vnni_gemm_available();
+  // bf16 inputs on AVX512-BF16: the direct kernel reads the gathered bf16 rows as they are.
+  const bool direct_bf16 = x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16();
+  const std::vector<TileTask> tiled =
+      make_tile_tasks(grp.offsets, m, vnni ? kVnniTile : kMmTile, kDirectMaxRows + 1);
+
+  GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "moe_grouped_gemm_mxfp4", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    // Grouped inputs: split float rows for the direct kernel, rows in x's dtype for the tiled one.
+    at::Tensor xs = at::empty({direct.empty() || direct_bf16 ? 0 : n, kdim}, x.options().dtype(at::kFloat));
+    at::Tensor xg = at::empty({tiled.empty() && !direct_bf16 ? 0 : n, kdim}, x.options());
+    float* pxs = xs.mutable_data_ptr<float>();
+    scalar_t* pxg = xg.mutable_data_ptr<scalar_t>();
+    // (a parallel region only when the copy is big enough to pay for waking the threads)
+    at::parallel_for(0, e_count, std::max<int64_t>(1, e_count * (1 << 20) / std::max<int64_t>(1, n * kdim)),
+                     [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t ne = grp.offsets[e + 1] - grp.offsets[e];
+        for (int64_t r = grp.offsets[e]; r < grp.offsets[e + 1]; ++r) {
+          const scalar_t* src = px + grp.src_row(r) * kdim;
+          if (ne <= kDirectMaxRows && !direct_bf16)
+            split_row(src, pxs + r * kdim, kdim);
+          else
+            std::copy(src, src + kdim, pxg + r * kdim);
+        }
+      }
+    });
+
+    auto epilogue = [&](const float* h, int64_t ldh, int64_t e, int64_t r0, int64_t rows, int64_t o0, int64_t nt) {
+      const float* b = pbias ? pbias + e * m + o0 : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (fused_swiglu)
+          swiglu_row(h + r * ldh, po + (r0 + r) * mo + o0 / 2, nt / 2, a, l, b);
+        else
+          bias_row(h + r * ldh, po + (r0 + r) * mo + o0, nt, b);
+      }
+    };
+
+    run_tasks(
+        static_cast<int64_t>(direct.size()), [] { return std::vector<float>(); },
+        [&](int64_t ti, std::vector<float>& h) {
+          const TileTask& t = direct[ti];
+          const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
+          h.resize(ne * t.nt);
+          for (int64_t rr = 0; rr < ne; rr += 8) {
+            const int nr = static_cast<int>(std::min<int64_t>(8, ne - rr));
+            if (direct_bf16)
+              direct_rows_bf16_any(nr, pb + t.e * m * wrow, ps + t.e * m * g, g, t.o0, t.o0 + t.nt,
+                                   reinterpret_cast<const at::BFloat16*>(pxg) + (r0 + rr) * kdim, kdim,
+                                   h.data() + rr * t.nt, t.nt);
+            else
+              direct_rows_any(nr, pb + t.e * m * wrow, ps + t.e * m * g, g, t.o0, t.o0 + t.nt,
+                              pxs + (r0 + rr) * kdim, kdim, h.data() + rr * t.nt, t.nt);
+          }
+          epilogue(h.data(), t.nt, t.e, r0, ne, t.o0, t.nt);
+        });
+
+    if (tiled.empty()) return;
+    if (vnni) {  // x is bfloat16 here
+      grouped_gemm_vnni(
+          reinterpret_cast<const at::BFloat16*>(pxg), kdim, grp.offsets, m, tiled,
+          [&](int64_t e, int64_t o0, int64_t nt, uint32_t* buf) {
+            pack_mxfp4_tile(pb + e * m * wrow, ps + e * m * g, g, o0, nt, buf);
+          },
+          pbias, fused_swiglu, a, l, reinterpret_cast<at::BFloat16*>(po));
+      return;
+    }
+    // Fallback: decode the tile to float32, float32 ATen GEMM (single-threaded in the region).
+    const at::Tensor xf = xg.to(at::kFloat);
+    run_tasks(
+        static_cast<int64_t>(tiled.size()), [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
+        [&](int64_t ti, at::Tensor& tile) {
+          const TileTask& t = tiled[ti];
+          const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
+          const uint8_t* be = pb + t.e * m * wrow;
+          const uint8_t* se = ps + t.e * m * g;
+          float* pt = tile.mutable_data_ptr<float>();
+          for (int64_t o = t.o0; o < t.o0 + t.nt; ++o)
+            for (int64_t b = 0; b < g; ++b) decode_block(be + o * wrow + b * 16, se[o * g + b], pt + (o - t.o0) * kdim + b * 32);
+          const at::Tensor h = at::mm(xf.narrow(0, r0, ne), tile.narrow(0, 0, t.nt).t()).contiguous();
+          epilogue(h.const_data_ptr<float>(), t.nt, t.e, r0, ne, t.o0, t.nt);
+        });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptoss_ext, CPU, m) {
+  m.impl("mxfp4_dequantize", &mxfp4_dequantize);
+  m.impl("mxfp4_quantize", &mxfp4_quantize);
+  m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4);
+}
+
+}  // namespace gptoss::cpu
