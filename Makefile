@@ -33,8 +33,7 @@ demo: build
 	$(PY) -m gptoss.demo
 
 bench: build
-	$(PY) benchmarks/bench_rms_norm.py
-	$(PY) benchmarks/bench_rope.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info gptoss_ext/_C*.so gptoss_ext/_build_info.json

@@ -2,6 +2,7 @@
 from .checkpoint import (checkpoint_nbytes, expected_shapes, hf_to_openai, load_state_dict, openai_to_hf,
                          parameter_count, save_checkpoint)
 from .config import PRESETS, ModelConfig
+from .model import Transformer
 
 __all__ = ["ModelConfig", "PRESETS", "checkpoint_nbytes", "expected_shapes", "hf_to_openai", "load_state_dict",
-           "openai_to_hf", "parameter_count", "save_checkpoint"]
+           "openai_to_hf", "parameter_count", "save_checkpoint", "Transformer"]

@@ -1,7 +1,10 @@
-"""`make demo`: the native ops on real gpt-oss-20b shapes, each timed and checked against the
-float64 oracle, on the CPU and (when present) the GPU.
+"""`make demo`: the model end to end on embedded defaults (no download).
 
-Later the demo grows into the full model: a seeded model, a batched prefill, decode steps.
+1. The native ops on real gpt-oss-20b shapes, timed and checked against the float64 oracle.
+2. A seeded `notebook-demo` model and a gpt-oss-20b-shaped model cut to 2 layers with MXFP4
+   experts: configuration, parameter counts, a batched prefill of prompts of different lengths,
+   decode steps through the KV cache, tokens/s, and which kernels ran. On a GPU machine the CUDA
+   logits are compared with the CPU's.
 """
 import time
 
@@ -11,6 +14,8 @@ import gptoss_ext
 from gptoss_ext import RotaryEmbedding, ops, reference
 
 from .config import ModelConfig
+from .generate import generate
+from .model import Transformer
 
 
 def _time(fn, device, iters=5):
@@ -43,6 +48,42 @@ def op_cases(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
            lambda: reference.apply_rope(q.double(), cos.double(), sin.double()), 2 * q.nbytes)
 
 
+def model_demo(name: str, cfg: ModelConfig, device: torch.device, mxfp4: bool, new_tokens: int):
+    t0 = time.perf_counter()
+    model = Transformer.from_config(cfg, seed=0, mxfp4=mxfp4, dtype=torch.bfloat16, device=device)
+    build_s = time.perf_counter() - t0
+    n_params = model.num_parameters()
+    print(f"\n== {name} on {device.type} ({'MXFP4' if mxfp4 else 'bf16'} experts), built in {build_s:.1f} s")
+    print(f"   layers {cfg.num_hidden_layers} ({', '.join(t.split('_')[0] for t in cfg.layer_types)}), "
+          f"hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} x {cfg.head_dim}, "
+          f"window {cfg.sliding_window}, experts {cfg.num_experts} top-{cfg.experts_per_token}, "
+          f"vocab {cfg.vocab_size}, YaRN factor {cfg.rope_scaling_factor}")
+    print(f"   parameters: {n_params:,} total")
+    g = torch.Generator().manual_seed(1)
+    lens = [23, 9, 16]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    with torch.no_grad():
+        caches = model.new_caches(len(prompts), max(lens) + new_tokens)
+        padded = torch.zeros(len(prompts), max(lens), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p)
+        t0 = time.perf_counter()
+        model(padded.to(device), caches, advance=lens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = generate(model, prompts, new_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t0
+    print(f"   batched prefill of {len(lens)} prompts ({sum(lens)} tokens, lengths {lens}): "
+          f"{sum(lens) / prefill_s:.1f} tok/s")
+    print(f"   generate {new_tokens} tokens x {len(lens)} sequences (prefill + KV-cache decode, greedy): "
+          f"{gen_s:.2f} s, {new_tokens * len(lens) / gen_s:.1f} tok/s; first sequence -> {out[0]}")
+    return model, prompts
+
+
 def main():
     cfg = ModelConfig.preset("gpt-oss-20b")
     devices = [torch.device("cpu")]
@@ -63,6 +104,20 @@ def main():
                 err = (run().double() - oracle()).abs().max().item()
                 print(f"{name:<20} {shape:<18} {device.type:<6} {str(dtype)[6:]:<9} {t * 1e3:>9.3f} "
                       f"{nbytes / t / 1e9:>8.2f} {err:>18.3e}")
+
+    models = [("notebook-demo", ModelConfig.preset("notebook-demo"), False, 8),
+              ("gpt-oss-20b cut to 2 layers", ModelConfig.preset("gpt-oss-20b", num_hidden_layers=2), True, 4)]
+    for name, mcfg, mxfp4, steps in models:
+        print("\nkernels: gptoss_ext CPU kernels" + (" and CUDA kernels" if len(devices) > 1 else ""))
+        model, prompts = model_demo(name, mcfg, devices[-1], mxfp4, steps)
+        if devices[-1].type == "cuda":
+            tokens = torch.tensor([prompts[0]])
+            with torch.no_grad():
+                gpu = model(tokens.cuda()).float().cpu()
+                cpu = model.to("cpu")(tokens).float()
+            err = ((gpu - cpu).norm() / cpu.norm()).item()
+            print(f"   CUDA vs CPU logits, relative error {err:.2e} (bf16)")
+        del model
 
 
 if __name__ == "__main__":

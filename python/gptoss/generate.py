@@ -1,0 +1,52 @@
+"""Text generation over the KV cache: a batch of prompts of different lengths is prefilled in one
+call, then decoded one token per step (each step costs one token's work per sequence)."""
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+from .model import Transformer
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
+             max_len: Optional[int] = None) -> List[List[int]]:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+    temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) with
+    a generator seeded by `seed`. A sequence stops after emitting a token in `stop_tokens` (the
+    stop token is included). Returns the new tokens of each prompt.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    device = model.device
+    lens = [len(p) for p in prompts]
+    max_len = max_len or max(lens) + max_new_tokens
+    caches = model.new_caches(len(prompts), max_len)
+    padded = torch.zeros(len(prompts), max(lens), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.as_tensor(list(p))
+    logits = model(padded.to(device), caches, advance=lens)
+    last = logits[torch.arange(len(prompts), device=device), torch.tensor(lens, device=device) - 1]
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    stop = set(int(t) for t in stop_tokens)
+    out: List[List[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            nxt = last.argmax(-1)
+        else:
+            probs = torch.softmax(last.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stop
+        if all(done):
+            break
+        last = model(nxt[:, None], caches)[:, 0]
+    return out

@@ -1,0 +1,121 @@
+"""The gpt-oss layers (spec §2), every hot op through gptoss_ext.ops. Parameter names equal the
+OpenAI checkpoint names (spec §3.1), so `Transformer.state_dict()` is an OpenAI-layout checkpoint.
+
+Dense projections (qkv, out, router, unembedding) are torch.nn.functional.linear (the BLAS GEMM
+of the device); RMSNorm, RoPE, attention and the MoE run on the extension's kernels.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import gptoss_ext
+from gptoss_ext import ops
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a float32 `scale` (spec §2.1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.scale, self.eps)
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm attention with fused QKV, YaRN RoPE, GQA, learned sinks and (on sliding layers) a
+    window; returns x + attn(x) (spec §2.2)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype=None, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.window = cfg.window(layer)
+        self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device)
+        self.qkv = nn.Linear(cfg.hidden_size, hd * (hq + 2 * hkv), bias=True, dtype=dtype, device=device)
+        self.sinks = nn.Parameter(torch.empty(hq, dtype=torch.float32, device=device))
+        self.out = nn.Linear(hd * hq, cfg.hidden_size, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
+        """x [B, T, d]; cos/sin [T, D/2] or [B, T, D/2] for the tokens' positions. Without a cache
+        the T tokens are positions 0..T-1 of their sequences; with one they follow its contents."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv = self.qkv(self.norm(x))
+        q = qkv[..., : hq * hd].reshape(b, t, hq, hd)
+        k = qkv[..., hq * hd: (hq + hkv) * hd].reshape(b, t, hkv, hd)
+        v = qkv[..., (hq + hkv) * hd:].reshape(b, t, hkv, hd)
+        q = ops.apply_rope(q, cos, sin)
+        k = ops.apply_rope(k, cos, sin)
+        if cache is None:
+            o, _ = ops.attention(q, k, v, self.sinks, sm_scale=self.sm_scale, window=self.window)
+        else:
+            cache.append(k, v.contiguous())
+            o, _ = cache.attend(q, self.sinks, sm_scale=self.sm_scale)
+        return x + self.out(o.reshape(b, t, hq * hd))
+
+
+class MXFP4Weight(nn.Module):
+    """An MXFP4 expert weight as stored in the checkpoint: `blocks` [E, M, K/32, 16] uint8 and
+    `scales` [E, M, K/32] uint8 (spec §3.2). Buffers, not parameters: inference only."""
+
+    def __init__(self, experts: int, rows: int, cols: int, device=None):
+        super().__init__()
+        if cols % 32:
+            raise ValueError(f"MXFP4 weights need the reduction dim to be a multiple of 32, got {cols}")
+        self.register_buffer("blocks", torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.full((experts, rows, cols // 32), 127, dtype=torch.uint8, device=device))
+
+    def pair(self) -> Tuple[Tensor, Tensor]:
+        return self.blocks, self.scales
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm mixture of experts: router (linear + bias), top-k then softmax, per expert
+    W1 -> clamped interleaved SwiGLU -> W2, weighted sum; returns x + moe(x) (spec §2.4)."""
+
+    def __init__(self, cfg: ModelConfig, mxfp4: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.cfg = cfg
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, device=device)
+        self.gate = nn.Linear(d, e, bias=True, dtype=dtype, device=device)
+        if mxfp4:
+            self.mlp1_weight = MXFP4Weight(e, 2 * i, d, device=device)
+            self.mlp2_weight = MXFP4Weight(e, d, i, device=device)
+        else:
+            self.mlp1_weight = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype, device=device))
+            self.mlp2_weight = nn.Parameter(torch.empty(e, d, i, dtype=dtype, device=device))
+        self.mlp1_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=dtype, device=device))
+        self.mlp2_bias = nn.Parameter(torch.empty(e, d, dtype=dtype, device=device))
+
+    @property
+    def mxfp4(self) -> bool:
+        return isinstance(self.mlp1_weight, MXFP4Weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        t = self.norm(x).reshape(-1, shape[-1])
+        w1 = self.mlp1_weight.pair() if self.mxfp4 else self.mlp1_weight
+        w2 = self.mlp2_weight.pair() if self.mxfp4 else self.mlp2_weight
+        y = ops.moe_mlp(t, self.gate.weight, self.gate.bias, w1, self.mlp1_bias, w2, self.mlp2_bias,
+                        k=self.cfg.experts_per_token, alpha=self.cfg.swiglu_alpha, limit=self.cfg.swiglu_limit)
+        return x + y.reshape(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, mxfp4: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.attn = AttentionBlock(cfg, layer, dtype=dtype, device=device)
+        self.mlp = MLPBlock(cfg, mxfp4=mxfp4, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
+        return self.mlp(self.attn(x, cos, sin, cache))

@@ -1,0 +1,165 @@
+"""The complete model: against a whole-model oracle built from gptoss_ext.reference, incremental
+decoding against the full forward, checkpoints (MXFP4 vs dequantised), and parity with Hugging Face
+transformers' GptOssForCausalLM in both directions."""
+import math
+
+import pytest
+import torch
+
+from gptoss import ModelConfig, Transformer
+from gptoss_ext import reference
+
+TINY = ModelConfig.preset("tiny-test")  # 3 layers, window 8, GQA 4/2, YaRN, 4 experts top-2
+
+
+def oracle_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The forward pass of spec §2 written with the oracle's functions, in float64."""
+    cfg = model.cfg
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    b, t = tokens.shape
+    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cos, sin = reference.rope_cos_sin(torch.arange(t), hd, cfg.rope_theta, cfg.rope_scaling_factor,
+                                      cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    x = sd["embedding.weight"][tokens]
+    for n in range(cfg.num_hidden_layers):
+        p = f"block.{n}."
+        h = reference.rms_norm(x, sd[p + "attn.norm.scale"], cfg.rms_norm_eps)
+        qkv = h @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]
+        q = reference.apply_rope(qkv[..., : hq * hd].reshape(b, t, hq, hd), cos, sin)
+        k = reference.apply_rope(qkv[..., hq * hd: (hq + hkv) * hd].reshape(b, t, hkv, hd), cos, sin)
+        v = qkv[..., (hq + hkv) * hd:].reshape(b, t, hkv, hd)
+        o, _ = reference.attention(q, k, v, sd[p + "attn.sinks"], 1 / math.sqrt(hd), cfg.window(n))
+        x = x + o.reshape(b, t, hq * hd) @ sd[p + "attn.out.weight"].T + sd[p + "attn.out.bias"]
+        h = reference.rms_norm(x, sd[p + "mlp.norm.scale"], cfg.rms_norm_eps).reshape(b * t, -1)
+        w1 = (sd[p + "mlp.mlp1_weight.blocks"], sd[p + "mlp.mlp1_weight.scales"]) \
+            if p + "mlp.mlp1_weight.blocks" in sd else sd[p + "mlp.mlp1_weight"]
+        w2 = (sd[p + "mlp.mlp2_weight.blocks"], sd[p + "mlp.mlp2_weight.scales"]) \
+            if p + "mlp.mlp2_weight.blocks" in sd else sd[p + "mlp.mlp2_weight"]
+        y = reference.moe_mlp(h, sd[p + "mlp.gate.weight"], sd[p + "mlp.gate.bias"], w1, sd[p + "mlp.mlp1_bias"],
+                              w2, sd[p + "mlp.mlp2_bias"], k=cfg.experts_per_token, alpha=cfg.swiglu_alpha,
+                              limit=cfg.swiglu_limit)
+        x = x + y.reshape(b, t, -1)
+    return reference.rms_norm(x, sd["norm.scale"], cfg.rms_norm_eps) @ sd["unembedding.weight"].T
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_forward_matches_oracle(mxfp4):
+    model = Transformer.from_config(TINY, seed=1, mxfp4=mxfp4, dtype=torch.float32)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 21))  # > window: the band is exercised
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (2, 21, TINY.vocab_size) and logits.dtype == torch.float32
+    assert rel_err(logits, oracle_logits(model, tokens)) < 1e-5
+
+
+def test_incremental_decode_matches_full_forward():
+    model = Transformer.from_config(TINY, seed=2, dtype=torch.float32)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 30))  # past 3 windows: ring wrap-around
+    with torch.no_grad():
+        full = model(tokens)
+        caches = model.new_caches(2, 64, max_step=3)
+        steps = [model(tokens[:, :10], caches)]
+        for s in range(10, 19, 3):  # a few multi-token steps (speculative-decoding shape)
+            steps.append(model(tokens[:, s:s + 3], caches))
+        for s in range(19, 30):
+            steps.append(model(tokens[:, s:s + 1], caches))
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+
+
+def test_ragged_batch_prefill_then_decode():
+    model = Transformer.from_config(TINY, seed=3, dtype=torch.float32)
+    lens = [13, 6]
+    seqs = [torch.randint(0, TINY.vocab_size, (n + 5,)) for n in lens]
+    with torch.no_grad():
+        caches = model.new_caches(2, 64)
+        padded = torch.zeros(2, max(lens), dtype=torch.long)
+        for i, n in enumerate(lens):
+            padded[i, :n] = seqs[i][:n]
+        first = model(padded, caches, advance=lens)
+        outs = [[first[i, n - 1]] for i, n in enumerate(lens)]
+        for s in range(5):
+            step = torch.stack([seqs[i][n + s] for i, n in enumerate(lens)])[:, None]
+            logits = model(step, caches)
+            for i in range(2):
+                outs[i].append(logits[i, 0])
+        for i, n in enumerate(lens):
+            alone = model(seqs[i][None, : n + 5])[0, n - 1:]
+            assert rel_err(torch.stack(outs[i]), alone) < 1e-5
+
+
+def test_bf16_close_to_fp32():
+    m32 = Transformer.from_config(TINY, seed=4, dtype=torch.float32)
+    m16 = Transformer.from_config(TINY, seed=4, dtype=torch.bfloat16)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert rel_err(m16(tokens), m32(tokens)) < 0.05
+
+
+def test_mxfp4_checkpoint_equals_dequantized(tmp_path):
+    model = Transformer.from_config(TINY, seed=5, mxfp4=True, dtype=torch.float32)
+    model.save_checkpoint(str(tmp_path / "ckpt"), progress=False)
+    kept = Transformer.from_checkpoint(str(tmp_path / "ckpt"), dtype=torch.float32, progress=False)
+    dense = Transformer.from_checkpoint(str(tmp_path / "ckpt"), dtype=torch.float32, mxfp4="dequantize",
+                                        progress=False)
+    assert kept.block[0].mlp.mxfp4 and not dense.block[0].mlp.mxfp4
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert rel_err(kept(tokens), dense(tokens)) < 1e-5
+        assert rel_err(kept(tokens), model(tokens)) == 0.0
+
+
+def test_parameter_names_are_the_openai_checkpoint_names():
+    from gptoss.checkpoint import expected_shapes
+    for mxfp4 in (False, True):
+        model = Transformer.from_config(TINY, mxfp4=mxfp4, dtype=torch.float32)
+        names = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert names == {k: tuple(s) for k, (s, _) in expected_shapes(TINY, mxfp4).items()}
+
+
+# ------------------------------------------------------------------------ Hugging Face parity
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_tiny_model(cfg: ModelConfig, seed: int):
+    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+                                          if k not in ("architectures", "model_type", "transformers_version")})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(hf_cfg).float().eval()
+    with torch.no_grad():  # transformers leaves some parameters (sinks, biases) at init values
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_parity_with_transformers_from_hf_checkpoint(tmp_path):
+    hf = hf_tiny_model(TINY, seed=6)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_checkpoint(str(tmp_path / "hf"), dtype=torch.float32, progress=False)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert rel_err(ours(tokens), expected) < 1e-4
+        caches = ours.new_caches(2, 32)
+        steps = [ours(tokens[:, :7], caches)] + [ours(tokens[:, s:s + 1], caches) for s in range(7, 20)]
+        assert rel_err(torch.cat(steps, 1), expected) < 1e-4
+
+
+def test_parity_with_transformers_from_our_checkpoint(tmp_path):
+    ours = Transformer.from_config(TINY, seed=7, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():  # visible sinks and biases
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    ours.save_checkpoint(str(tmp_path / "openai"), progress=False)
+    from gptoss.cli import main as cli
+    cli(["convert", str(tmp_path / "openai"), str(tmp_path / "hf"), "--layout", "hf", "-q"])
+    hf = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float().eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert rel_err(hf(tokens).logits, ours(tokens)) < 1e-4
