@@ -64,7 +64,10 @@ class Transformer(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def normal_(t: Tensor, std: float = 0.02) -> None:
-            t.copy_(torch.randn(t.shape, generator=gen) * std)
+            if t.device.type == "cpu":
+                t.normal_(0.0, std, generator=gen)  # in place, in the parameter's dtype
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * std)
 
         for name, p in self.named_parameters():
             if name.endswith("norm.scale"):
