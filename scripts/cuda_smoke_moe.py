@@ -2,6 +2,10 @@
 GEMMs, the MXFP4 decode GEMV and prefill kernels, the counting sort across several chunks, bad-input
 NaN rows), compared with the CPU kernel when the build has it, else with the float64 oracle. Small
 enough to run under compute-sanitizer (memcheck, racecheck) in seconds; exits non-zero on a mismatch.
+
+`--bench` instead times the gpt-oss-20b-shaped grouped GEMMs (not under the sanitizer): the dense
+bfloat16 prefill GEMM against cuBLAS on the same FLOPs, and the MXFP4 kernels in effective weight
+bytes per second (decode) and TFLOP/s (prefill).
 """
 import math
 import sys
@@ -182,5 +186,58 @@ def main():
     sys.exit(0 if ok else 1)
 
 
+def _time_ms(fn, iters=20):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench():
+    """gpt-oss-20b MoE GEMM shapes: E = 32, k = 4, d = I = 2880 (mlp1: M = 5760 fused, mlp2: M = 2880)."""
+    torch.manual_seed(0)
+    E, k, d, I = 32, 4, 2880, 2880
+    print(f"device: {torch.cuda.get_device_name()}")
+    for T in (4096,):
+        experts = routing(T, E, k).cuda()
+        _, ri, offsets = C.moe_dispatch(experts, E)
+        N = T * k
+        x = torch.randn(T, d, device="cuda").bfloat16()
+        w1 = (torch.randn(E, 2 * I, d, device="cuda") / math.sqrt(d)).bfloat16()
+        b1 = torch.randn(E, 2 * I, device="cuda").bfloat16()
+        flops = 2.0 * N * 2 * I * d
+        ms = _time_ms(lambda: C.moe_grouped_gemm(x, ri, offsets, w1, b1, True, ALPHA, LIMIT))
+        a = torch.randn(N, d, device="cuda").bfloat16()
+        wd = w1[0].t().contiguous()
+        ms_cublas = _time_ms(lambda: a @ wd)
+        print(f"dense bf16 grouped GEMM mlp1 T={T}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s; cuBLAS dense "
+              f"[{N}x{d}]@[{d}x{2 * I}]: {ms_cublas:.3f} ms, {flops / ms_cublas / 1e9:.0f} TFLOP/s; "
+              f"ratio {ms_cublas / ms:.2f}")
+    for T in (1, 8, 64, 4096):
+        experts = routing(T, E, k).cuda()
+        _, ri, offsets = C.moe_dispatch(experts, E)
+        active = experts.unique().numel()
+        for name, M, K in (("mlp1", 2 * I, d), ("mlp2", d, I)):
+            blocks = torch.randint(0, 256, (E, M, K // 32, 16), dtype=torch.uint8, device="cuda")
+            scales = torch.randint(119, 123, (E, M, K // 32), dtype=torch.uint8, device="cuda")
+            b = torch.randn(E, M, device="cuda").bfloat16()
+            fused = name == "mlp1"
+            xin = torch.randn(T if fused else T * k, K, device="cuda").bfloat16()
+            rin = ri if fused else None
+            ms = _time_ms(lambda: C.moe_grouped_gemm_mxfp4(xin, rin, offsets, blocks, scales, b, fused, ALPHA, LIMIT))
+            wbytes = active * M * (K // 2 + K // 32)
+            tflops = 2.0 * T * k * M * K / ms / 1e9
+            print(f"MXFP4 {name} T={T} ({active} experts): {ms:.3f} ms, {wbytes / ms / 1e6:.0f} GB/s of weights "
+                  f"({wbytes / ms / 1e6 / 3350 * 100:.0f}% of 3.35 TB/s), {tflops:.1f} TFLOP/s")
+
+
 if __name__ == "__main__":
-    main()
+    if "--bench" in sys.argv:
+        bench()
+    else:
+        main()

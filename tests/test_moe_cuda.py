@@ -296,10 +296,11 @@ def test_grouped_gemm_real_size(T, fused):
     d = I = 2880
     E, k = 32, 4
     M, K = (2 * I, d) if fused else (d, I)
-    x, ri, offsets, w, b = _gemm_case(T, E, k, K, M, torch.bfloat16, with_ri=fused)
-    w_dev = w.to(DEV)
-    out = C.moe_grouped_gemm(*_to(DEV, x, ri, offsets), w_dev, b.to(DEV), fused, ALPHA, LIMIT)
-    _close_to_oracle(out, _gemm_oracle(x, ri, offsets, w_dev.double(), b, fused), torch.bfloat16)
+    x, ri, offsets, _, _ = _gemm_case(T, E, k, K, 2, torch.bfloat16, with_ri=fused, bias=False)
+    w_dev = (torch.randn(E, M, K, device=DEV) / math.sqrt(K)).bfloat16()  # 1 GB: made on the GPU
+    b_dev = torch.randn(E, M, device=DEV).bfloat16()
+    out = C.moe_grouped_gemm(*_to(DEV, x, ri, offsets), w_dev, b_dev, fused, ALPHA, LIMIT)
+    _close_to_oracle(out, _gemm_oracle(x, ri, offsets, w_dev.double(), b_dev, fused), torch.bfloat16)
 
 
 @requires_cpu_moe
@@ -395,16 +396,16 @@ def test_grouped_gemm_backward_matches_cpu(dtype):
 
 # --------------------------------------------------------------------------------- MXFP4 GEMM
 
-def _mxfp4_weight(E, M, K, scale_lo=118, scale_hi=130):
+def _mxfp4_weight(E, M, K, scale_lo=119, scale_hi=124, device="cpu"):
     """Random blocks holding every byte value (a shuffled tiling of 0..255 for small weights, uniform
     bytes for big ones) and scales in [scale_lo, scale_hi]."""
     n = E * M * (K // 32) * 16
     if n <= 1 << 22:
-        bytes_ = torch.arange(256, dtype=torch.uint8).repeat(-(-n // 256))[:n][torch.randperm(n)]
+        bytes_ = torch.arange(256, dtype=torch.uint8).repeat(-(-n // 256))[:n][torch.randperm(n)].to(device)
     else:
-        bytes_ = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        bytes_ = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
     blocks = bytes_.view(E, M, K // 32, 16)
-    scales = torch.randint(scale_lo, scale_hi + 1, (E, M, K // 32), dtype=torch.uint8)
+    scales = torch.randint(scale_lo, scale_hi + 1, (E, M, K // 32), dtype=torch.uint8, device=device)
     return blocks, scales
 
 
@@ -476,8 +477,8 @@ def test_grouped_gemm_mxfp4_real_size(T):
     E, k = 32, 4
     x, ri, offsets, _, _ = _gemm_case(T, E, k, d, 2, torch.bfloat16, bias=False)
     b1, b2 = torch.randn(E, 2 * I).bfloat16(), torch.randn(E, d).bfloat16()
-    bl1, sc1 = _mxfp4_weight(E, 2 * I, d, 119, 122)
-    bl2, sc2 = _mxfp4_weight(E, d, I, 119, 122)
+    bl1, sc1 = _mxfp4_weight(E, 2 * I, d, 119, 122, DEV)
+    bl2, sc2 = _mxfp4_weight(E, d, I, 119, 122, DEV)
     a = C.moe_grouped_gemm_mxfp4(*_to(DEV, x, ri, offsets, bl1, sc1, b1), True, ALPHA, LIMIT)
     _close_to_oracle(a, _mxfp4_oracle(x, ri, offsets, bl1, sc1, b1, True), torch.bfloat16)
     y = C.moe_grouped_gemm_mxfp4(a, None, *_to(DEV, offsets, bl2, sc2, b2), False, ALPHA, LIMIT)
@@ -638,8 +639,8 @@ def test_moe_mlp_mxfp4_real_size_matches_reference(T):
     E, d, I, k = 32, 2880, 2880, 4
     x = torch.randn(T, d).bfloat16().to(DEV)
     gw, gb = (torch.randn(E, d) / math.sqrt(d)).bfloat16().to(DEV), (torch.randn(E) * 0.1).bfloat16().to(DEV)
-    bl1, sc1 = (t.to(DEV) for t in _mxfp4_weight(E, 2 * I, d, 119, 122))
-    bl2, sc2 = (t.to(DEV) for t in _mxfp4_weight(E, d, I, 119, 122))
+    bl1, sc1 = _mxfp4_weight(E, 2 * I, d, 119, 122, DEV)
+    bl2, sc2 = _mxfp4_weight(E, d, I, 119, 122, DEV)
     b1, b2 = (torch.randn(E, 2 * I) * 0.1).bfloat16().to(DEV), (torch.randn(E, d) * 0.1).bfloat16().to(DEV)
     out = ops.moe_mlp(x, gw, gb, (bl1, sc1), b1, (bl2, sc2), b2, k=k)
     weights, experts = ops.moe_route(torch.nn.functional.linear(x, gw, gb), k)  # as moe_mlp routes

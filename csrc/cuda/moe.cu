@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(1024)
 // Replays the chunks of sort_count_kernel: the key at position s goes to pos[(b, c)] + (number of
 // earlier positions of the same bin in this step), then the bin's lowest lane advances pos[(b, c)]
 // (between two __syncwarp, after every lane has read it). Positions ascend within a bin: stable.
-__global__ void __launch_bounds__(kSortWarps * 32)
+__global__ void __launch_bounds__(kSortWarps * 32, 8)
     sort_scatter_kernel(const int32_t* __restrict__ keys, int64_t n, int bins, int64_t chunk, int64_t nc,
                         int32_t* __restrict__ pos, int32_t* __restrict__ perm, int32_t* __restrict__ row_of,
                         int32_t div) {

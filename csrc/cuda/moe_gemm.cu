@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_grouped_gemm_backward(
           b.red = M;
           launch_gemm_simt<T, A, DenseBwdXB<T, A>, T>(p, b, false, stream);
         }
-      } else if (N == 0 || K == 0) {
+      } else if (N == 0 || K == 0 || R == 0) {
         gx = at::zeros({R, K}, x.options());
       } else {
         at::Tensor G = at::empty({N, K}, acc_opts);

@@ -163,13 +163,12 @@ struct GvRaw {
 // +3} of block b. A (weights): a0/a2 = row ma pairs, a1/a3 = row mb pairs; B (tokens): b0/b1 = the
 // same pairs of token g's row. Every lane with the same t uses the same real k, so A and B agree.
 template <int NT, bool FUSED>
-__global__ void __launch_bounds__(kGvWarps * 32)
+__global__ void __launch_bounds__(kGvWarps * 32, 4)
     mxfp4_gemv_kernel(const GemmParams<Bf16, float> p, const uint8_t* __restrict__ blocks,
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
   extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
-  const uint32_t xs_base = smem_u32(xs);
   Bf16* out = static_cast<Bf16*>(p.out);
   const int active = p.tile_start[p.num_experts];
   for (int j = blockIdx.y; j < active; j += gridDim.y) {  // block-uniform
@@ -245,13 +244,11 @@ __global__ void __launch_bounds__(kGvWarps * 32)
           const uint32_t sw = static_cast<uint32_t>((blk >> 1) & 1);
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            const uint32_t row = xs_base + static_cast<uint32_t>((n * 8 + g) * rs + blk * 64);
+            const uint8_t* row = xs + (n * 8 + g) * rs + blk * 64;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              uint32_t xv[4];
-              asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                           : "=r"(xv[0]), "=r"(xv[1]), "=r"(xv[2]), "=r"(xv[3])
-                           : "r"(row + ((static_cast<uint32_t>(q) ^ sw) << 4)));
+              const uint4 xq = *reinterpret_cast<const uint4*>(row + ((static_cast<uint32_t>(q) ^ sw) << 4));
+              const uint32_t xv[4] = {xq.x, xq.y, xq.z, xq.w};
               const uint32_t a0[4] = {wa[q][0], wb[q][0], wa[q][1], wb[q][1]};
               const uint32_t b0[2] = {xv[0], xv[1]};
               mma16816<true>(acc[n], a0, b0);
