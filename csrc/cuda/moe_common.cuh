@@ -21,22 +21,7 @@
 
 #include "cuda/utils.cuh"
 
-// common/moe_math.h (shared with the CPU) calls the device-only __uint_as_float from a
-// __host__ __device__ function whenever __CUDACC__ is defined, which nvcc rejects in its host pass.
-// Until that header tests __CUDA_ARCH__ instead, route the call to a host+device equivalent while
-// including it (harmless once the header is fixed).
-__host__ __device__ __forceinline__ float gptoss_moe_uint_as_float_hd(unsigned int bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
-}
-#define __uint_as_float gptoss_moe_uint_as_float_hd
 #include "common/moe_math.h"
-#undef __uint_as_float
 
 namespace gptoss::cuda {
 
