@@ -43,7 +43,7 @@ void rope_fwd(const T* x, const float* cos, const float* sin, T* y, int64_t B, i
 void rope_fwd_f64(const double* x, const double* cos, const double* sin, double* y, int64_t B,
                   int64_t Tn, int64_t H, int64_t D, int64_t tab_batch_stride) {
   const int64_t half = D / 2;
-  at::parallel_for(0, B * Tn, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 65536 / (H * D)), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const double* c = cos + (p / Tn) * tab_batch_stride + (p % Tn) * half;
       const double* s = sin + (p / Tn) * tab_batch_stride + (p % Tn) * half;
