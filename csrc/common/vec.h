@@ -24,6 +24,7 @@ inline fVec load_f(const T* p) {
 
 template <typename T>
 inline fVec load_f(const T* p, int64_t n) {
+  if (n >= kVecSize) return load_f(p);
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p, n);
   } else {
