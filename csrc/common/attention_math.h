@@ -22,7 +22,11 @@
 
 #include "common/macros.h"
 
+// TODO(merge): the CPU kernel's common/attention.h carries the same rules with a different state
+// convention (l starts at 1 with a sink there, at 0 here and the sink joins at finalize). Until the
+// two are unified, this file lives in its own namespace so the two never collide.
 namespace gptoss {
+namespace flash {
 
 // --------------------------------------------------------------------------------- the mask
 
@@ -110,4 +114,5 @@ GPTOSS_HD void softmax_combine(F& M, F& L, F m_s, F l_s, F& scale_run, F& scale_
   M = M_new;
 }
 
+}  // namespace flash
 }  // namespace gptoss

@@ -37,6 +37,7 @@
 
 namespace gptoss {
 namespace cuda_attn_bwd {
+using namespace gptoss::flash;  // common/attention_math.h
 namespace {
 
 constexpr int kMaxPos = 1 << 30;

@@ -46,6 +46,7 @@
 
 namespace gptoss {
 namespace cuda_attn {
+using namespace gptoss::flash;  // common/attention_math.h
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
