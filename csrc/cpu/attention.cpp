@@ -191,10 +191,63 @@ inline acc_t exp_row(acc_t* x, int64_t n, acc_t scale, acc_t shift) {
   return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, sum);
 }
 
-// dst [D x ldd] = transpose(src [n x D]).
-template <typename acc_t>
-inline void transpose(const acc_t* src, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
-  at::vec::transpose_mxn<acc_t>(src, D, dst, ldd, static_cast<int>(n), static_cast<int>(D));
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+#endif
+
+// dst[d * ldd + i] = row(i)[d] as acc_t for i < n, d < D: a K (or V) tile loaded transposed.
+// Columns i in [n, round_up(n, 16)) of dst may be overwritten with zeros (ldd >= that).
+template <typename scalar_t, typename acc_t, typename RowFn>
+inline void load_transposed(RowFn&& row, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float> && kVecSize == 16) {
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, n - i0);
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int64_t cols = std::min<int64_t>(16, D - d0);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          if (i < rows) {
+            const scalar_t* p = row(i0 + i) + d0;
+            r[i] = cols == 16 ? load_f(p) : load_f(p, cols);
+          } else {
+            r[i] = _mm512_setzero_ps();
+          }
+        }
+        transpose16x16(r);
+        for (int64_t c = 0; c < cols; ++c) _mm512_storeu_ps(dst + (d0 + c) * ldd + i0, r[c]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* p = row(i);
+    for (int64_t d = 0; d < D; ++d) dst[d * ldd + i] = static_cast<acc_t>(p[d]);
+  }
 }
 
 // Run f(unit, scratch) for every unit in [0, n), handing units out dynamically so that a busy core
@@ -255,14 +308,16 @@ struct FwdProblem {
 
 template <typename acc_t>
 struct FwdScratch {
-  std::vector<acc_t> qb, s, kt, ktmp, vb, o, m, l;
+  std::vector<acc_t> qb, s, kt, vb, o, m, l;
   FwdScratch(int64_t rows, int64_t D, int64_t Dp)
-      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), ktmp(kBK * D), vb(kBK * Dp, acc_t(0)),
+      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), vb(kBK * Dp, acc_t(0)),
         o(rows * Dp), m(rows), l(rows) {}
 };
 
 // Runs the rows of query positions [t0, t1) of (b, kv head h) over the key tiles
-// [tile_lo, tile_hi) (absolute tile index = position / kBK). Leaves the unnormalised state
+// [tile_lo, tile_hi), tile i covering positions [lo + i * kBK, lo + (i + 1) * kBK) from the first
+// position lo any of the rows sees (so a window of W keys takes ceil(W / kBK) tiles, not one more
+// when W is not aligned). Leaves the unnormalised state
 // (m, l, o) in the scratch; the caller initialises it.
 template <typename scalar_t, typename acc_t, bool FAST>
 void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_t t0, int64_t t1,
@@ -273,14 +328,18 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_
   for (int64_t t = t0; t < t1; ++t)
     load_row(P.q + ((b * P.Tq + t) * P.Hq + h * G) * D, sc.qb.data() + (t - t0) * G * D, G * D);
   for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
-    const int64_t a = std::max(lo, tile * kBK), e = std::min(hi, (tile + 1) * kBK);
+    const int64_t a = lo + tile * kBK, e = std::min(hi, a + kBK);
     if (a >= e) continue;
     const int64_t n = e - a, np = round_up(n, VS);
-    for (int64_t i = 0; i < n; ++i) {
-      load_row(P.krow(b, a + i, h), sc.ktmp.data() + i * D, D);
-      load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
-    }
-    transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
+    // Prefetch the next tile's K/V rows (decode streams them from memory once).
+    const int64_t a2 = e, e2 = std::min(hi, e + kBK);
+    for (int64_t i = a2; i < e2 && tile + 1 < tile_hi; ++i)
+      for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(P.krow(b, i, h)) + off);
+        __builtin_prefetch(reinterpret_cast<const char*>(P.vrow(b, i, h)) + off);
+      }
+    load_transposed<scalar_t>([&](int64_t i) { return P.krow(b, a + i, h); }, n, D, sc.kt.data(), kBK);
+    for (int64_t i = 0; i < n; ++i) load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
     acc_t* S = sc.s.data();
     gemm<acc_t, false, false>(R, np, D, sc.qb.data(), D, sc.kt.data(), kBK, S, kBK);
     // A tile is "interior" when every row sees all of it; else mask per row.
@@ -357,15 +416,9 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
     const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
     const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
     const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
-    int64_t tile_lo = 0, tile_hi = 0;
-    if (lo < hi) {
-      tile_lo = lo / kBK;
-      tile_hi = (hi + kBK - 1) / kBK;
-    }
-    const int64_t ntiles = tile_hi - tile_lo;
+    const int64_t ntiles = lo < hi ? (hi - lo + kBK - 1) / kBK : 0;
     row_init(sc, h, nrows, C == 1);
-    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, tile_lo + ntiles * c / C,
-                                    tile_lo + ntiles * (c + 1) / C, sc);
+    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, ntiles * c / C, ntiles * (c + 1) / C, sc);
     if (C == 1) {
       write_out(sc, b, h, t0, t1);
     } else {
@@ -501,9 +554,9 @@ struct BwdProblem {
 
 template <typename acc_t>
 struct BwdScratch {
-  std::vector<acc_t> kt, vt, kn, ktmp, dk, dv, qb, dob, p, ds;
+  std::vector<acc_t> kt, vt, kn, dk, dv, qb, dob, p, ds;
   BwdScratch(int64_t rows, int64_t D, int64_t Dp)
-      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)), ktmp(kBK * D),
+      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)),
         dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
         ds(rows * kBK) {}
 };
@@ -569,13 +622,9 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         }
         continue;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        load_row(P.k + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
-        std::copy(sc.ktmp.begin() + i * D, sc.ktmp.begin() + (i + 1) * D, sc.kn.begin() + i * Dp);
-      }
-      transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
-      for (int64_t i = 0; i < n; ++i) load_row(P.v + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
-      transpose(sc.ktmp.data(), n, D, sc.vt.data(), kBK);
+      for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
+      load_transposed<scalar_t>([&](int64_t i) { return P.k + kbase + i * Hkv * D; }, n, D, sc.kt.data(), kBK);
+      load_transposed<scalar_t>([&](int64_t i) { return P.v + kbase + i * Hkv * D; }, n, D, sc.vt.data(), kBK);
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
