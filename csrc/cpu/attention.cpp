@@ -8,9 +8,11 @@
 // (common/attention.h), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
 // Tq x Tk. Units are handed out dynamically (costliest first) and each writes only its own rows,
-// so results do not depend on the thread count or schedule.
-// Split-K: when there are few units (decode of a few sequences, few kv heads), each unit's key
-// range is cut into chunks whose partial (m, l, acc) states are merged in a fixed order.
+// so results do not depend on the schedule.
+// Split-K: when there are few units for the threads (decode of a few sequences, few kv heads),
+// each unit's key range is cut into C chunks whose partial (m, l, acc) states are merged in a
+// fixed order. C (like the backward's dQ partial count) follows the thread count, so results are
+// bitwise reproducible for a given thread count and agree to rounding across thread counts.
 //
 // Backward (flash-attention-2 style, recomputing P from lse): a task is (b, kv head, key-tile
 // class c); it owns dK/dV of its key tiles (summed over the group's query heads) and adds
@@ -563,14 +565,14 @@ struct BwdScratch {
 
 // Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
 // is ((b * Hkv + h) * Tq + t) * G + g.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool FAST>
 void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t B = P.B, Tq = P.Tq, Tk = P.Tk, Hq = P.Hq, Hkv = P.Hkv, D = P.D, G = P.G();
   const int64_t Dp = round_up(D, VS), nrows = B * Tq * Hq;
   // 1. Per row: Di = rowsum(dO * O), lse for the backward, in the row layout.
   std::vector<acc_t> Drow(nrows), Lrow(nrows);
-  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> a(D), o(D);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Tq, t = p % Tq;
@@ -587,7 +589,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   });
   // 2. Sink gradient, summed in a fixed order.
   if (P.sinks != nullptr) {
-    at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, Hq, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, B * Tq)), [&](int64_t h0, int64_t h1) {
       for (int64_t hq = h0; hq < h1; ++hq) {
         acc_t s = 0;
         for (int64_t b = 0; b < B; ++b)
@@ -607,6 +609,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   parallel_units(B * Hkv * C, work, make_scratch, [&](int64_t u, BwdScratch<acc_t>& sc) {
     const int64_t c = u % C, bh = u / C, b = bh / Hkv, h = bh % Hkv;
     acc_t* dq = dq_part + (c * B * Hkv + bh) * Tq * G * Dp;
+    std::fill(dq, dq + Tq * G * Dp, acc_t(0));
     const acc_t* Dr = Drow.data() + bh * Tq * G;
     const acc_t* Lr = Lrow.data() + bh * Tq * G;
     for (int64_t tile = c; tile < ntiles; tile += C) {
@@ -655,7 +658,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
           // P = exp(s * scale - lse) on [ra, re), 0 elsewhere; dS = P * (dP - Di) * scale.
           const V vneg(-Lr[row]), vD(Dr[row]);
           for (int64_t j = 0; j < np; j += VS) {
-            V pv = at::vec::fmadd(V::loadu(pr + j), vscale, vneg).exp();
+            V pv = vexp<acc_t, FAST>(at::vec::fmadd(V::loadu(pr + j), vscale, vneg));
             if (j < ra || j + VS > re) {
               alignas(64) acc_t tmp[VS];
               pv.store(tmp);
@@ -685,7 +688,7 @@ void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, 
                scalar_t* dq) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t G = Hq / Hkv, Dp = round_up(D, VS), per_c = B * Tq * Hq * Dp;
-  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> sum(Dp);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Tq, t = p % Tq;
@@ -720,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1),
                                         1, std::clamp<int64_t>(ntiles, 1, 8));
   const int64_t Dp = round_up(D, acc == at::kDouble ? AVec<double>::size() : AVec<float>::size());
-  at::Tensor dq_part = at::zeros({C, B, Tq, Hq, Dp}, q.options().dtype(acc));
+  at::Tensor dq_part = at::empty({C, B, Tq, Hq, Dp}, q.options().dtype(acc));  // zeroed by the tasks
   if (q.numel() > 0 || k.numel() > 0) {
     const auto fill = [&](auto& P) {
       P.B = B;
@@ -745,7 +748,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
       P.scale = sm_scale;
       P.dk = dk.mutable_data_ptr<double>();
       P.dv = dv.mutable_data_ptr<double>();
-      attention_bwd_impl(P, dq_part.mutable_data_ptr<double>(), C, has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
+      attention_bwd_impl<double, double, false>(P, dq_part.mutable_data_ptr<double>(), C,
+                                                has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
       reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<double>());
     } else {
       GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention_backward", [&] {
@@ -761,8 +765,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         P.scale = static_cast<float>(sm_scale);
         P.dk = dk.mutable_data_ptr<scalar_t>();
         P.dv = dv.mutable_data_ptr<scalar_t>();
-        attention_bwd_impl(P, dq_part.mutable_data_ptr<float>(), C,
-                           has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
+        constexpr bool fast = !std::is_same_v<scalar_t, float>;
+        attention_bwd_impl<scalar_t, float, fast>(P, dq_part.mutable_data_ptr<float>(), C,
+                                                  has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
         reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<scalar_t>());
       });
     }
