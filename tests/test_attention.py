@@ -325,11 +325,12 @@ def test_decode_ring_minimal_slots():
         assert_close(lse, l_ref)
 
 
+@pytest.mark.parametrize("window", [0, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_ragged_batch(dtype):
+def test_decode_ragged_batch(dtype, window):
     """Sequences of different lengths in one batch: each query sees only its own history."""
     lens = [5, 130, 0, 77]
-    b, hq, hkv, d, window = len(lens), 64, 8, 64, 0
+    b, hq, hkv, d = len(lens), 64, 8, 64
     q, k, v, s = make(b, 1, 140, hq, hkv, d, dtype)
     kc = torch.zeros(b, 200, hkv, d, dtype=dtype)
     vc = torch.zeros_like(kc)
@@ -338,9 +339,9 @@ def test_decode_ragged_batch(dtype):
         kc[i, : n + 1], vc[i, : n + 1] = k[i, : n + 1], v[i, : n + 1]
     kc[:, 140:] = float("nan")  # never read: beyond every sequence's length
     vc[:, 140:] = float("nan")
-    out, lse = ops.attention_decode(q, kc, vc, lengths, s)
+    out, lse = ops.attention_decode(q, kc, vc, lengths, s, window=window)
     for i, n in enumerate(lens):
-        check_forward(q[i:i + 1], k[i:i + 1, : n + 1], v[i:i + 1, : n + 1], s, 0, n,
+        check_forward(q[i:i + 1], k[i:i + 1, : n + 1], v[i:i + 1, : n + 1], s, window, n,
                       out=out[i:i + 1], lse=lse[i:i + 1])
 
 

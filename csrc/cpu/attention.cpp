@@ -317,10 +317,10 @@ struct FwdScratch {
 };
 
 // Runs the rows of query positions [t0, t1) of (b, kv head h) over the key tiles
-// [tile_lo, tile_hi), tile i covering positions [lo + i * kBK, lo + (i + 1) * kBK) from the first
-// position lo any of the rows sees (so a window of W keys takes ceil(W / kBK) tiles, not one more
-// when W is not aligned). Leaves the unnormalised state
-// (m, l, o) in the scratch; the caller initialises it.
+// [tile_lo, tile_hi); tile i covers positions [lo + i * kBK, lo + (i + 1) * kBK) counted from the
+// first position lo any of the rows sees (a window of W keys takes ceil(W / kBK) tiles, also when
+// it is not aligned). Updates the unnormalised state (m, l, o) in the scratch, which the caller
+// initialises.
 template <typename scalar_t, typename acc_t, bool FAST>
 void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_t t0, int64_t t1,
               int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
@@ -379,8 +379,11 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
   const int64_t base_units = P.B * P.Hkv * nqb;
   if (base_units == 0) return;
   // Split-K chunks when there are too few units to fill the threads (single query block only).
-  int64_t max_keys = 0;
-  for (int64_t b = 0; b < P.B; ++b) max_keys = std::max(max_keys, P.kv_end[b] - P.kv_begin[b]);
+  int64_t max_keys = 0;  // most keys a unit's rows see
+  for (int64_t b = 0; b < P.B; ++b) {
+    const int64_t held = P.kv_end[b] - P.kv_begin[b];
+    max_keys = std::max(max_keys, P.window > 0 ? std::min(held, P.window + BQ - 1) : held);
+  }
   int64_t C = 1;
   if (nqb == 1 && base_units < 2 * at::get_num_threads())
     C = std::clamp<int64_t>((4 * at::get_num_threads() + base_units - 1) / base_units, 1,
@@ -461,7 +464,7 @@ const acc_t* sinks_ptr(const at::Tensor& s) {
   return s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
 }
 
-// Runs the forward for any storage dtype; the per-batch position vectors stay alive for the call.
+// The bf16/fp16 paths use the fast exp (see vexp).
 template <typename scalar_t, typename acc_t>
 void run_fwd(FwdProblem<scalar_t, acc_t>& P) {
   constexpr bool fast = !std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>;
