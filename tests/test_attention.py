@@ -242,8 +242,28 @@ def test_gradient_low_precision(dtype):
     assert_close(ours[3], ref64[3], dtype)
 
 
+def test_unused_lse_costs_nothing_extra_compiled(monkeypatch):
+    """Under torch.compile an unused lse must not pull the lse-gradient work into the graph."""
+    seen = []
+    real = ops._is_traced
+    monkeypatch.setattr(ops, "_is_traced", lambda t: seen.append(t) or real(t))
+    q, k, v, s = make(1, 40, 40, 8, 2, 64, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, s):
+        return ops.attention(q, k, v, s, window=16)[0].square().sum()
+
+    xs = [t.clone().requires_grad_() for t in (q, k, v, s)]
+    f(*xs).backward()
+    assert seen == []
+    ys = [t.clone().requires_grad_() for t in (q, k, v, s)]
+    ops.attention(*ys, window=16)[0].square().sum().backward()
+    for a, b in zip(xs, ys):
+        assert_close(a.grad, b.grad)
+
+
 def test_zero_lse_grad_costs_nothing_extra(monkeypatch):
-    """Autograd hands a zero gradient for an unused lse: only the backward op runs then."""
+    """An unused or all-zero lse gradient: only the backward op runs."""
     q, k, v, s = make(1, 20, 20, 4, 2, 16, torch.float32)
     calls, real = [], ops._ops
 
@@ -255,8 +275,12 @@ def test_zero_lse_grad_costs_nothing_extra(monkeypatch):
     q.requires_grad_()
     out, _ = ops.attention(q, k, v, s)
     monkeypatch.setattr(ops, "_ops", Spy())
-    out.sum().backward()
+    out.sum().backward(retain_graph=True)
     assert calls == ["attention_backward"] and torch.isfinite(q.grad).all()
+    out2, lse2 = ops.attention(q, k, v, s)
+    calls.clear()
+    (out2.sum() + 0 * lse2.sum()).backward()  # an explicit all-zero lse gradient
+    assert calls == ["attention_backward"]
 
 
 # ------------------------------------------------------------------------ KV cache and decode
