@@ -124,6 +124,7 @@ def _attention_setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, sinks, out, lse)
     ctx.args = (sm_scale, window, q_offset)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
 
 
 def _is_traced(t: Tensor) -> bool:
@@ -144,8 +145,8 @@ def _attention_backward(ctx, grad_out, grad_lse):
     #   dQ_i += scale * g_i * sum_j P_ij k_j  = scale * g_i * attention(q, k, k).out_i
     #   dK_j += scale * sum_i g_i P_ij q_i    = scale * (dV of the backward with grad_out = g * q)
     #   dsink += sum_i g_i * p_sink_i
-    # Autograd hands a zero tensor when lse is unused; eager mode skips the work then, a traced
-    # graph (where the values are unknown) always does it.
+    # grad_lse is None when lse does not reach the loss (materialize_grads is off). An explicit
+    # zero gradient is skipped in eager mode; a traced graph (values unknown) keeps the extra work.
     if grad_lse is not None and (_is_traced(grad_lse) or bool(grad_lse.any())):
         g = grad_lse.to(lse.dtype)                          # [B, Hq, Tq]
         g_rows = g.transpose(1, 2).unsqueeze(-1)            # [B, Tq, Hq, 1]

@@ -8,9 +8,11 @@
 // (common/attention.h), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
 // Tq x Tk. Units are handed out dynamically (costliest first) and each writes only its own rows,
-// so results do not depend on the thread count or schedule.
-// Split-K: when there are few units (decode of a few sequences, few kv heads), each unit's key
-// range is cut into chunks whose partial (m, l, acc) states are merged in a fixed order.
+// so results do not depend on the schedule.
+// Split-K: when there are few units for the threads (decode of a few sequences, few kv heads),
+// each unit's key range is cut into C chunks whose partial (m, l, acc) states are merged in a
+// fixed order. C (like the backward's dQ partial count) follows the thread count, so results are
+// bitwise reproducible for a given thread count and agree to rounding across thread counts.
 //
 // Backward (flash-attention-2 style, recomputing P from lse): a task is (b, kv head, key-tile
 // class c); it owns dK/dV of its key tiles (summed over the group's query heads) and adds
@@ -191,10 +193,63 @@ inline acc_t exp_row(acc_t* x, int64_t n, acc_t scale, acc_t shift) {
   return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, sum);
 }
 
-// dst [D x ldd] = transpose(src [n x D]).
-template <typename acc_t>
-inline void transpose(const acc_t* src, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
-  at::vec::transpose_mxn<acc_t>(src, D, dst, ldd, static_cast<int>(n), static_cast<int>(D));
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+#endif
+
+// dst[d * ldd + i] = row(i)[d] as acc_t for i < n, d < D: a K (or V) tile loaded transposed.
+// Columns i in [n, round_up(n, 16)) of dst may be overwritten with zeros (ldd >= that).
+template <typename scalar_t, typename acc_t, typename RowFn>
+inline void load_transposed(RowFn&& row, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float> && kVecSize == 16) {
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, n - i0);
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int64_t cols = std::min<int64_t>(16, D - d0);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          if (i < rows) {
+            const scalar_t* p = row(i0 + i) + d0;
+            r[i] = cols == 16 ? load_f(p) : load_f(p, cols);
+          } else {
+            r[i] = _mm512_setzero_ps();
+          }
+        }
+        transpose16x16(r);
+        for (int64_t c = 0; c < cols; ++c) _mm512_storeu_ps(dst + (d0 + c) * ldd + i0, r[c]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* p = row(i);
+    for (int64_t d = 0; d < D; ++d) dst[d * ldd + i] = static_cast<acc_t>(p[d]);
+  }
 }
 
 // Run f(unit, scratch) for every unit in [0, n), handing units out dynamically so that a busy core
@@ -255,15 +310,17 @@ struct FwdProblem {
 
 template <typename acc_t>
 struct FwdScratch {
-  std::vector<acc_t> qb, s, kt, ktmp, vb, o, m, l;
+  std::vector<acc_t> qb, s, kt, vb, o, m, l;
   FwdScratch(int64_t rows, int64_t D, int64_t Dp)
-      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), ktmp(kBK * D), vb(kBK * Dp, acc_t(0)),
+      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), vb(kBK * Dp, acc_t(0)),
         o(rows * Dp), m(rows), l(rows) {}
 };
 
 // Runs the rows of query positions [t0, t1) of (b, kv head h) over the key tiles
-// [tile_lo, tile_hi) (absolute tile index = position / kBK). Leaves the unnormalised state
-// (m, l, o) in the scratch; the caller initialises it.
+// [tile_lo, tile_hi); tile i covers positions [lo + i * kBK, lo + (i + 1) * kBK) counted from the
+// first position lo any of the rows sees (a window of W keys takes ceil(W / kBK) tiles, also when
+// it is not aligned). Updates the unnormalised state (m, l, o) in the scratch, which the caller
+// initialises.
 template <typename scalar_t, typename acc_t, bool FAST>
 void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_t t0, int64_t t1,
               int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
@@ -273,14 +330,18 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_
   for (int64_t t = t0; t < t1; ++t)
     load_row(P.q + ((b * P.Tq + t) * P.Hq + h * G) * D, sc.qb.data() + (t - t0) * G * D, G * D);
   for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
-    const int64_t a = std::max(lo, tile * kBK), e = std::min(hi, (tile + 1) * kBK);
+    const int64_t a = lo + tile * kBK, e = std::min(hi, a + kBK);
     if (a >= e) continue;
     const int64_t n = e - a, np = round_up(n, VS);
-    for (int64_t i = 0; i < n; ++i) {
-      load_row(P.krow(b, a + i, h), sc.ktmp.data() + i * D, D);
-      load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
-    }
-    transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
+    // Prefetch the next tile's K/V rows (decode streams them from memory once).
+    const int64_t a2 = e, e2 = std::min(hi, e + kBK);
+    for (int64_t i = a2; i < e2 && tile + 1 < tile_hi; ++i)
+      for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(P.krow(b, i, h)) + off);
+        __builtin_prefetch(reinterpret_cast<const char*>(P.vrow(b, i, h)) + off);
+      }
+    load_transposed<scalar_t>([&](int64_t i) { return P.krow(b, a + i, h); }, n, D, sc.kt.data(), kBK);
+    for (int64_t i = 0; i < n; ++i) load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
     acc_t* S = sc.s.data();
     gemm<acc_t, false, false>(R, np, D, sc.qb.data(), D, sc.kt.data(), kBK, S, kBK);
     // A tile is "interior" when every row sees all of it; else mask per row.
@@ -318,8 +379,11 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
   const int64_t base_units = P.B * P.Hkv * nqb;
   if (base_units == 0) return;
   // Split-K chunks when there are too few units to fill the threads (single query block only).
-  int64_t max_keys = 0;
-  for (int64_t b = 0; b < P.B; ++b) max_keys = std::max(max_keys, P.kv_end[b] - P.kv_begin[b]);
+  int64_t max_keys = 0;  // most keys a unit's rows see
+  for (int64_t b = 0; b < P.B; ++b) {
+    const int64_t held = P.kv_end[b] - P.kv_begin[b];
+    max_keys = std::max(max_keys, P.window > 0 ? std::min(held, P.window + BQ - 1) : held);
+  }
   int64_t C = 1;
   if (nqb == 1 && base_units < 2 * at::get_num_threads())
     C = std::clamp<int64_t>((4 * at::get_num_threads() + base_units - 1) / base_units, 1,
@@ -357,15 +421,9 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
     const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
     const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
     const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
-    int64_t tile_lo = 0, tile_hi = 0;
-    if (lo < hi) {
-      tile_lo = lo / kBK;
-      tile_hi = (hi + kBK - 1) / kBK;
-    }
-    const int64_t ntiles = tile_hi - tile_lo;
+    const int64_t ntiles = lo < hi ? (hi - lo + kBK - 1) / kBK : 0;
     row_init(sc, h, nrows, C == 1);
-    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, tile_lo + ntiles * c / C,
-                                    tile_lo + ntiles * (c + 1) / C, sc);
+    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, ntiles * c / C, ntiles * (c + 1) / C, sc);
     if (C == 1) {
       write_out(sc, b, h, t0, t1);
     } else {
@@ -406,7 +464,7 @@ const acc_t* sinks_ptr(const at::Tensor& s) {
   return s.defined() ? s.const_data_ptr<acc_t>() : nullptr;
 }
 
-// Runs the forward for any storage dtype; the per-batch position vectors stay alive for the call.
+// The bf16/fp16 paths use the fast exp (see vexp).
 template <typename scalar_t, typename acc_t>
 void run_fwd(FwdProblem<scalar_t, acc_t>& P) {
   constexpr bool fast = !std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>;
@@ -501,23 +559,23 @@ struct BwdProblem {
 
 template <typename acc_t>
 struct BwdScratch {
-  std::vector<acc_t> kt, vt, kn, ktmp, dk, dv, qb, dob, p, ds;
+  std::vector<acc_t> kt, vt, kn, dk, dv, qb, dob, p, ds;
   BwdScratch(int64_t rows, int64_t D, int64_t Dp)
-      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)), ktmp(kBK * D),
+      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)),
         dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
         ds(rows * kBK) {}
 };
 
 // Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
 // is ((b * Hkv + h) * Tq + t) * G + g.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool FAST>
 void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t B = P.B, Tq = P.Tq, Tk = P.Tk, Hq = P.Hq, Hkv = P.Hkv, D = P.D, G = P.G();
   const int64_t Dp = round_up(D, VS), nrows = B * Tq * Hq;
   // 1. Per row: Di = rowsum(dO * O), lse for the backward, in the row layout.
   std::vector<acc_t> Drow(nrows), Lrow(nrows);
-  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> a(D), o(D);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Tq, t = p % Tq;
@@ -534,7 +592,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   });
   // 2. Sink gradient, summed in a fixed order.
   if (P.sinks != nullptr) {
-    at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, Hq, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, B * Tq)), [&](int64_t h0, int64_t h1) {
       for (int64_t hq = h0; hq < h1; ++hq) {
         acc_t s = 0;
         for (int64_t b = 0; b < B; ++b)
@@ -554,6 +612,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   parallel_units(B * Hkv * C, work, make_scratch, [&](int64_t u, BwdScratch<acc_t>& sc) {
     const int64_t c = u % C, bh = u / C, b = bh / Hkv, h = bh % Hkv;
     acc_t* dq = dq_part + (c * B * Hkv + bh) * Tq * G * Dp;
+    std::fill(dq, dq + Tq * G * Dp, acc_t(0));
     const acc_t* Dr = Drow.data() + bh * Tq * G;
     const acc_t* Lr = Lrow.data() + bh * Tq * G;
     for (int64_t tile = c; tile < ntiles; tile += C) {
@@ -569,13 +628,9 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         }
         continue;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        load_row(P.k + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
-        std::copy(sc.ktmp.begin() + i * D, sc.ktmp.begin() + (i + 1) * D, sc.kn.begin() + i * Dp);
-      }
-      transpose(sc.ktmp.data(), n, D, sc.kt.data(), kBK);
-      for (int64_t i = 0; i < n; ++i) load_row(P.v + kbase + i * Hkv * D, sc.ktmp.data() + i * D, D);
-      transpose(sc.ktmp.data(), n, D, sc.vt.data(), kBK);
+      for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
+      load_transposed<scalar_t>([&](int64_t i) { return P.k + kbase + i * Hkv * D; }, n, D, sc.kt.data(), kBK);
+      load_transposed<scalar_t>([&](int64_t i) { return P.v + kbase + i * Hkv * D; }, n, D, sc.vt.data(), kBK);
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
@@ -606,7 +661,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
           // P = exp(s * scale - lse) on [ra, re), 0 elsewhere; dS = P * (dP - Di) * scale.
           const V vneg(-Lr[row]), vD(Dr[row]);
           for (int64_t j = 0; j < np; j += VS) {
-            V pv = at::vec::fmadd(V::loadu(pr + j), vscale, vneg).exp();
+            V pv = vexp<acc_t, FAST>(at::vec::fmadd(V::loadu(pr + j), vscale, vneg));
             if (j < ra || j + VS > re) {
               alignas(64) acc_t tmp[VS];
               pv.store(tmp);
@@ -636,7 +691,7 @@ void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, 
                scalar_t* dq) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t G = Hq / Hkv, Dp = round_up(D, VS), per_c = B * Tq * Hq * Dp;
-  at::parallel_for(0, B * Tq, std::max<int64_t>(1, 4096 / (Hq * D)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> sum(Dp);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / Tq, t = p % Tq;
@@ -671,7 +726,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1),
                                         1, std::clamp<int64_t>(ntiles, 1, 8));
   const int64_t Dp = round_up(D, acc == at::kDouble ? AVec<double>::size() : AVec<float>::size());
-  at::Tensor dq_part = at::zeros({C, B, Tq, Hq, Dp}, q.options().dtype(acc));
+  at::Tensor dq_part = at::empty({C, B, Tq, Hq, Dp}, q.options().dtype(acc));  // zeroed by the tasks
   if (q.numel() > 0 || k.numel() > 0) {
     const auto fill = [&](auto& P) {
       P.B = B;
@@ -696,7 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
       P.scale = sm_scale;
       P.dk = dk.mutable_data_ptr<double>();
       P.dv = dv.mutable_data_ptr<double>();
-      attention_bwd_impl(P, dq_part.mutable_data_ptr<double>(), C, has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
+      attention_bwd_impl<double, double, false>(P, dq_part.mutable_data_ptr<double>(), C,
+                                                has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
       reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<double>());
     } else {
       GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention_backward", [&] {
@@ -712,8 +768,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         P.scale = static_cast<float>(sm_scale);
         P.dk = dk.mutable_data_ptr<scalar_t>();
         P.dv = dv.mutable_data_ptr<scalar_t>();
-        attention_bwd_impl(P, dq_part.mutable_data_ptr<float>(), C,
-                           has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
+        constexpr bool fast = !std::is_same_v<scalar_t, float>;
+        attention_bwd_impl<scalar_t, float, fast>(P, dq_part.mutable_data_ptr<float>(), C,
+                                                  has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
         reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<scalar_t>());
       });
     }
