@@ -904,7 +904,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q_in,
   return {out, lse};
 }
 
-void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+void kv_cache_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& lengths_in, bool ring) {
   check_kv_cache_append(k_cache, v_cache, k, v, lengths_in, ring);
   TORCH_CHECK(k_cache.is_cuda(), "kv_cache_append (CUDA): k_cache must be a CUDA tensor");
