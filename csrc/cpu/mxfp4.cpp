@@ -432,7 +432,7 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
     };
 
     run_tasks(
-        static_cast<int64_t>(direct.size()), [] { return std::vector<float>(); },
+        static_cast<int64_t>(direct.size()), n * m * kdim, [] { return std::vector<float>(); },
         [&](int64_t ti, std::vector<float>& h) {
           const TileTask& t = direct[ti];
           const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
@@ -463,7 +463,8 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
     // Fallback: decode the tile to float32, float32 ATen GEMM (single-threaded in the region).
     const at::Tensor xf = xg.to(at::kFloat);
     run_tasks(
-        static_cast<int64_t>(tiled.size()), [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
+        static_cast<int64_t>(tiled.size()), n * m * kdim,
+        [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
         [&](int64_t ti, at::Tensor& tile) {
           const TileTask& t = tiled[ti];
           const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
