@@ -354,7 +354,7 @@ void grouped_gemm_vnni(const at::BFloat16* xg, int64_t k, const std::vector<int6
     ~Scratch() { at::native::cpublas::brgemm_release(true); }
   };
   run_tasks(
-      static_cast<int64_t>(tasks.size()),
+      static_cast<int64_t>(tasks.size()), (offsets.back() - offsets.front()) * m * k,
       [&] {
         Scratch s;
         s.vnni.resize(k / 2 * kVnniTile);
@@ -438,7 +438,7 @@ at::Tensor moe_grouped_gemm(const at::Tensor& x_in, const c10::optional<at::Tens
     const acc_t* pb = has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     run_tasks(
-        static_cast<int64_t>(tasks.size()), [] { return 0; },
+        static_cast<int64_t>(tasks.size()), n * m * kdim, [] { return 0; },
         [&](int64_t ti, int) {
           const TileTask& t = tasks[ti];
           const int64_t r0 = g.offsets[t.e], ne = g.offsets[t.e + 1] - r0;
@@ -527,7 +527,7 @@ at::Tensor moe_combine(const at::Tensor& y_in, const at::Tensor& order, const at
   if (y.scalar_type() == at::kDouble) {
     const double *py = y.const_data_ptr<double>(), *pw = w.const_data_ptr<double>();
     double* po = out.mutable_data_ptr<double>();
-    at::parallel_for(0, t, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, t, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d * k)), [&](int64_t t0, int64_t t1) {
       for (int64_t i = t0; i < t1; ++i)
         for (int64_t c = 0; c < d; ++c) {
           double s = 0;
@@ -571,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& grad_o
     const double *py = y.const_data_ptr<double>(), *pw = w.const_data_ptr<double>(),
                  *pd = dy.const_data_ptr<double>();
     double *pgy = gy.mutable_data_ptr<double>(), *pgw = gw.mutable_data_ptr<double>();
-    at::parallel_for(0, t, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, t, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d * k)), [&](int64_t t0, int64_t t1) {
       for (int64_t i = t0; i < t1; ++i)
         for (int64_t j = 0; j < k; ++j) {
           const int64_t r = row_of[i * k + j];

@@ -52,11 +52,13 @@ std::vector<TileTask> make_tile_tasks(const std::vector<int64_t>& offsets, int64
 
 // Runs body(task, state) for task in [0, n) on all threads with dynamic scheduling, inside one
 // parallel region; state = make_state() is per-thread scratch, made before the thread's first task.
+// `work` (multiply-adds, roughly) below ~1M runs on the calling thread: waking a thread team costs
+// more than that.
 template <typename MakeState, typename Body>
-void run_tasks(int64_t n, const MakeState& make_state, const Body& body) {
+void run_tasks(int64_t n, int64_t work, const MakeState& make_state, const Body& body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t nthr = work < (int64_t{1} << 20) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
     auto state = make_state();
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t, state);

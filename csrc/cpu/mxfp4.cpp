@@ -163,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& w_in) {
 // Grouped rows at most this many per expert take the direct kernel (decode each weight row once
 // and dot it with every row); more rows dequantize a tile of weight rows and run a GEMM on it.
 constexpr int64_t kDirectMaxRows = 16;
-// Weight rows per task of the tiled path (even, so SwiGLU pairs stay whole).
-constexpr int64_t kTileRows = 64;
+// Software prefetch distance of the direct kernels, in weight rows.
+constexpr int64_t kPrefetchRows = 8;
 
 // Row layout of the direct kernel's float input: per 32-block, the 16 even elements then the 16
 // odd ones, so that the low / high nibbles of the 16 bytes meet their inputs without a shuffle.
@@ -191,6 +191,7 @@ void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_
     __m512 acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < g; ++b) {
+      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(bo + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bo + b * 16)));
       const __m512 sc = _mm512_set1_ps(tb.half_scale[so[b]]);
       const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
@@ -243,6 +244,10 @@ GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* s
     __m512 acc0[NR], acc1[NR];
     for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < g; ++b) {
+      if ((b & 3) == 0) {  // next row pair's bytes, one cache line per 4 blocks
+        _mm_prefetch(reinterpret_cast<const char*>(b0 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
+      }
       const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + b * 16)));
       const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + b * 16)));
       // dword j = (b_j & 15) | (b_j >> 4) << 16: word 2j indexes element 2j, word 2j+1 element 2j+1
@@ -427,7 +432,7 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
     };
 
     run_tasks(
-        static_cast<int64_t>(direct.size()), [] { return std::vector<float>(); },
+        static_cast<int64_t>(direct.size()), n * m * kdim, [] { return std::vector<float>(); },
         [&](int64_t ti, std::vector<float>& h) {
           const TileTask& t = direct[ti];
           const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
@@ -458,7 +463,8 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
     // Fallback: decode the tile to float32, float32 ATen GEMM (single-threaded in the region).
     const at::Tensor xf = xg.to(at::kFloat);
     run_tasks(
-        static_cast<int64_t>(tiled.size()), [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
+        static_cast<int64_t>(tiled.size()), n * m * kdim,
+        [&] { return at::empty({kMmTile, kdim}, x.options().dtype(at::kFloat)); },
         [&](int64_t ti, at::Tensor& tile) {
           const TileTask& t = tiled[ti];
           const int64_t r0 = grp.offsets[t.e], ne = grp.offsets[t.e + 1] - r0;
