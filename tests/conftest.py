@@ -37,6 +37,24 @@ def assert_error_within(actual: torch.Tensor, oracle64: torch.Tensor, same_dtype
     assert err <= factor * ref_err + floor, f"kernel error {err:.3e} > {factor} x reference error {ref_err:.3e}"
 
 
+def noncontig_last_dim(shape, dtype):
+    """Random tensor of `shape` whose last dim is strided (a transposed view)."""
+    t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float32).to(dtype).transpose(-1, -2)
+    assert not t.is_contiguous()
+    return t
+
+
+def misaligned_cuda(shape, dtype):
+    """(CPU copy, CUDA tensor): random, contiguous, the CUDA one's data pointer one element past
+    a 16-byte boundary (made on the device: a copy to it would be aligned)."""
+    n = 1
+    for s in shape:
+        n *= s
+    t = torch.randn(n + 1, dtype=torch.float32).to(dtype).to("cuda")[1:].view(shape)
+    assert t.is_contiguous() and t.data_ptr() % 16 != 0
+    return t.cpu(), t
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

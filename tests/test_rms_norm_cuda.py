@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gptoss_ext
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, misaligned_cuda, noncontig_last_dim, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -17,24 +17,6 @@ ops = torch.ops.gptoss_ext
 DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
-
-
-def _noncontig(shape, dtype):
-    """Random tensor of `shape` whose last dim is strided (a transposed view)."""
-    t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float32).to(dtype).transpose(-1, -2)
-    assert not t.is_contiguous()
-    return t
-
-
-def _misaligned(shape, dtype):
-    """(CPU copy, CUDA tensor): random, contiguous, the CUDA one's data pointer one element past
-    a 16-byte boundary (made on the device: a copy to it would be aligned)."""
-    n = 1
-    for s in shape:
-        n *= s
-    t = torch.randn(n + 1, dtype=torch.float32).to(dtype).to(DEV)[1:].view(shape)
-    assert t.is_contiguous() and t.data_ptr() % 16 != 0
-    return t.cpu(), t
 
 
 def _scale(d, dtype=torch.float32):
@@ -75,15 +57,15 @@ def test_rms_norm_cuda_matches_cpu(shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_cuda_noncontiguous(dtype):
-    x = _noncontig((3, 5, 2880), dtype)
+    x = noncontig_last_dim((3, 5, 2880), dtype)
     assert not x.to(DEV).is_contiguous()
     _check_rms_norm(x, _scale(2880))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_cuda_misaligned(dtype):
+def test_rms_norm_cudamisaligned_cuda(dtype):
     # Contiguous but not 16-byte aligned: the scalar path, with a row length the vector path takes.
-    x, x_cuda = _misaligned((9, 2880), dtype)
+    x, x_cuda = misaligned_cuda((9, 2880), dtype)
     _check_rms_norm(x, _scale(2880), x_cuda)
 
 

@@ -1,5 +1,5 @@
-"""CUDA kernel of apply_rope against the CPU kernels (the
-contract), plus opcheck and float64 gradcheck on CUDA. Skipped without a GPU and a CUDA build.
+"""CUDA kernel of apply_rope against the CPU kernel (the contract), plus opcheck and float64
+gradcheck on CUDA. Skipped without a GPU and a CUDA build.
 
 Both backends get the same inputs (made on the CPU in the kernel's dtype, then copied), so the
 only differences are float32 summation order, rsqrtf vs 1/sqrt, and the final rounding to the
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gptoss_ext
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, misaligned_cuda, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -17,24 +17,6 @@ ops = torch.ops.gptoss_ext
 DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
-
-
-def _noncontig(shape, dtype):
-    """Random tensor of `shape` whose last dim is strided (a transposed view)."""
-    t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float32).to(dtype).transpose(-1, -2)
-    assert not t.is_contiguous()
-    return t
-
-
-def _misaligned(shape, dtype):
-    """(CPU copy, CUDA tensor): random, contiguous, the CUDA one's data pointer one element past
-    a 16-byte boundary (made on the device: a copy to it would be aligned)."""
-    n = 1
-    for s in shape:
-        n *= s
-    t = torch.randn(n + 1, dtype=torch.float32).to(dtype).to(DEV)[1:].view(shape)
-    assert t.is_contiguous() and t.data_ptr() % 16 != 0
-    return t.cpu(), t
 
 
 def _tables(B, T, D, per_batch):
@@ -77,13 +59,13 @@ def test_rope_cuda_matches_cpu_shared_table(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_cuda_noncontiguous_and_misaligned(dtype):
+def test_rope_cuda_noncontiguous_andmisaligned_cuda(dtype):
     B, T, H, D = 2, 129, 8, 64
     cos, sin = _tables(B, T, D, per_batch=True)
     x = torch.randn(B, H, T, D).to(dtype).transpose(1, 2)  # [B, T, H, D], not contiguous
     assert not x.to(DEV).is_contiguous()
     _check_rope(x, cos, sin)
-    x, x_cuda = _misaligned((B, T, H, D), dtype)
+    x, x_cuda = misaligned_cuda((B, T, H, D), dtype)
     _check_rope(x, cos, sin, x_cuda)
 
 
