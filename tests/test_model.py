@@ -151,6 +151,13 @@ def test_generate_compiled_equals_eager():
     assert generate(model, prompts, 6, compile=True) == eager
 
 
+def test_cuda_graph_decoder_needs_a_cuda_model():
+    from gptoss import CUDAGraphDecoder
+    model = Transformer.from_config(TINY, seed=11, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA device"):
+        CUDAGraphDecoder(model, model.new_caches(1, 8))
+
+
 def test_bf16_close_to_fp32():
     m32 = Transformer.from_config(TINY, seed=4, dtype=torch.float32)
     m16 = Transformer.from_config(TINY, seed=4, dtype=torch.bfloat16)
