@@ -151,6 +151,35 @@ def test_generate_compiled_equals_eager():
     assert generate(model, prompts, 6, compile=True) == eager
 
 
+def test_last_only_logits_equal_the_full_logits_at_the_last_tokens():
+    model = Transformer.from_config(TINY, seed=14, dtype=torch.float32)
+    lens = [11, 4]
+    seqs, padded = _ragged_prompts(model, lens, 0)
+    with torch.no_grad():
+        full = model(padded)
+        assert rel_err(model(padded, last_only=True), full[:, -1]) < 1e-6
+        caches, ref_caches = model.new_caches(2, 16, max_step=11), model.new_caches(2, 16, max_step=11)
+        last = model(padded, caches, advance=lens, last_only=True)
+        ref = model(padded, ref_caches, advance=lens)
+        assert last.shape == (2, TINY.vocab_size)
+        for i, n in enumerate(lens):
+            assert rel_err(last[i], ref[i, n - 1]) < 1e-6
+        assert caches[0].host_lengths == lens
+        with pytest.raises(ValueError, match="last_only"):
+            model(padded, model.new_caches(2, 16, max_step=11), advance=[0, 4], last_only=True)
+
+
+def test_generate_long_prompts_past_the_window():
+    from gptoss.generate import generate
+    model = Transformer.from_config(TINY, seed=15, dtype=torch.float32)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (70, 20)]  # > window and > 64 slots
+    out = generate(model, prompts, 3)
+    with torch.no_grad():  # greedy: each new token is the argmax of the full forward over the sequence so far
+        for p, new in zip(prompts, out):
+            seq = torch.tensor(p + new)[None]
+            assert model(seq)[0, len(p) - 1:-1].argmax(-1).tolist() == new
+
+
 def test_cuda_graph_decoder_needs_a_cuda_model():
     from gptoss import CUDAGraphDecoder
     model = Transformer.from_config(TINY, seed=11, dtype=torch.float32)

@@ -31,17 +31,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     device = model.device
     lens = [len(p) for p in prompts]
     max_len = max_len or max(lens) + max_new_tokens
-    caches = model.new_caches(len(prompts), max_len)
+    caches = model.new_caches(len(prompts), max_len, max_step=max(lens))  # the prefill is one step
     padded = torch.zeros(len(prompts), max(lens), dtype=torch.long)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = torch.as_tensor(list(p))
-    logits = model(padded.to(device), caches, advance=lens)
+    last = model(padded.to(device), caches, advance=lens, last_only=True)
     if cuda_graph and max_new_tokens > 1:
         step = CUDAGraphDecoder(model, caches)  # tokens [B, 1] -> logits [B, 1, vocab]
     else:
         decode = model.compile_decode() if compile else model.decode_step
         step = functools.partial(decode, caches=caches)
-    last = logits[torch.arange(len(prompts), device=device), torch.tensor(lens, device=device) - 1]
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)

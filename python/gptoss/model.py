@@ -108,30 +108,40 @@ class Transformer(nn.Module):
                 for n in range(cfg.num_hidden_layers)]
 
     def forward(self, tokens: Tensor, caches: Optional[Sequence[gptoss_ext.KVCache]] = None,
-                advance: Optional[Union[int, Sequence[int]]] = None) -> Tensor:
+                advance: Optional[Union[int, Sequence[int]]] = None, *, last_only: bool = False) -> Tensor:
         """tokens [B, T] int64 -> logits [B, T, vocab] in the model dtype.
 
         Without caches: the tokens are positions 0..T-1 of B sequences (causal, windows per layer).
         With caches (from new_caches): the tokens follow what each sequence's caches hold; the
         caches then advance by `advance` tokens per sequence (default T; for a right-padded batch
         of prompts pass the real lengths, the padding slots are overwritten later).
+        last_only: return only each sequence's last token's logits [B, vocab] (token T-1, or
+        advance[b]-1 with per-sequence counts), skipping the unembedding of the others (a prefill).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
-        t = tokens.shape[1]
-        if caches is not None:
-            if advance is None or (isinstance(advance, int) and advance == t):
+        b, t = tokens.shape
+        if caches is None:
+            cos, sin = self.rope.cos_sin(torch.arange(t, device=tokens.device))
+            x = self.embedding(tokens)
+            for blk in self.block:
+                x = blk(x, cos, sin)
+            return self.unembedding(self.norm(x[:, -1] if last_only else x))
+        if advance is None or (isinstance(advance, int) and advance == t):
+            if not last_only:
                 return self.decode_step(tokens, caches)
-            self._check_caches(tokens, caches)
-            logits = self.step_tensors(tokens, caches, *self.rope_tables(caches), advance=False)
-            for c in caches:
-                c.advance(advance)
-            return logits
-        cos, sin = self.rope.cos_sin(torch.arange(t, device=tokens.device))
-        x = self.embedding(tokens)
-        for blk in self.block:
-            x = blk(x, cos, sin)
-        return self.unembedding(self.norm(x))
+            advance = t
+        last = None
+        if last_only:
+            counts = [advance] * b if isinstance(advance, int) else list(advance)
+            if len(counts) != b or any(not 1 <= c <= t for c in counts):
+                raise ValueError(f"last_only needs advance in 1..T={t} for each of the {b} sequences, got {advance}")
+            last = torch.tensor([c - 1 for c in counts], device=tokens.device)
+        self._check_caches(tokens, caches)
+        logits = self.step_tensors(tokens, caches, *self.rope_tables(caches), advance=False, last=last)
+        for c in caches:
+            c.advance(advance)
+        return logits
 
     # ---------------------------------------------------------------- incremental (decode) steps
     #
@@ -160,10 +170,11 @@ class Transformer(nn.Module):
         return self.rope.table(caches[0].k.device, max(c.max_len for c in caches))
 
     def step_tensors(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache], cos_table: Tensor,
-                     sin_table: Tensor, advance: bool = True) -> Tensor:
+                     sin_table: Tensor, advance: bool = True, last: Optional[Tensor] = None) -> Tensor:
         """The device part of an incremental step: tokens [B, T] follow each sequence's cached
         tokens (positions lengths[b] .. lengths[b] + T - 1); writes their keys/values, returns logits
-        [B, T, vocab] and, with advance, adds T to every cache's device `lengths`.
+        [B, T, vocab] (with `last` [B] int64: the logits [B, vocab] of token last[b] of each
+        sequence only) and, with advance, adds T to every cache's device `lengths`.
 
         Reads no host state, so it traces under torch.compile(fullgraph=True) without guards on
         lengths and can be captured in a CUDA graph. The caller checks room first (_check_caches)
@@ -178,6 +189,8 @@ class Transformer(nn.Module):
         if advance:
             for cache in caches:
                 cache.lengths.add_(t)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
         return self.unembedding(self.norm(x))
 
     def decode_step(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache],
