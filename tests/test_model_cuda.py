@@ -1,6 +1,6 @@
 """The model on CUDA: decode steps replayed from a CUDA graph (gptoss.CUDAGraphDecoder) against the
-eager decode step and the full forward, over a ragged batch whose sliding-window rings wrap around.
-Skipped without a GPU and a CUDA build."""
+eager decode step and the full forward, over a ragged batch whose sliding-window rings wrap around;
+the torch.compile'd decode step on CUDA. Skipped without a GPU and a CUDA build."""
 import pytest
 import torch
 
@@ -89,3 +89,24 @@ def test_generate_cuda_graph_equals_eager():
     prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (9, 4, 1)]
     eager = generate(model, prompts, 12)
     assert generate(model, prompts, 12, cuda_graph=True) == eager
+
+
+def test_compiled_decode_step_on_cuda_compiles_once():
+    pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+    cfg = ModelConfig.preset("notebook-demo")
+    model = Transformer.from_config(cfg, seed=14, mxfp4=True, dtype=torch.bfloat16, device="cuda")
+    lens, steps = [12, 5], 8
+    seqs, padded = _ragged(cfg, lens, steps)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager_caches, compiled_caches = (model.new_caches(2, 64, max_step=12) for _ in range(2))
+        for caches in (eager_caches, compiled_caches):
+            model(padded, caches, advance=lens)
+        step = model.compile_decode()
+        for s in range(steps):
+            tok = torch.stack([seqs[i][n + s] for i, n in enumerate(lens)])[:, None].cuda()
+            assert rel_err(step(tok, compiled_caches), model.decode_step(tok, eager_caches)) < 2e-2, f"step {s}"
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled_caches[0].lengths.tolist() == compiled_caches[0].host_lengths == [n + steps for n in lens]
