@@ -346,7 +346,7 @@ def gpu(a):
             logits = model(ctx, caches, last_only=True)
             tok = logits.argmax(-1).view(1, 1)
             step = CUDAGraphDecoder(model, caches) if mode == "cuda graph" else (lambda t: model.decode_step(t, caches))
-            t = time_fn(lambda: step(tok), dev, min_time=0.0, warmup=3, max_iters=a.steps)
+            t = time_fn(lambda: step(tok), dev, min_time=1.0, warmup=3, max_iters=a.steps)
             floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
             rows.append([mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}", f"{bw / floor:.0f}",
                          f"{floor / t / bw:.2f}", gib(torch.cuda.max_memory_allocated())])

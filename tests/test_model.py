@@ -148,7 +148,7 @@ def test_generate_compiled_equals_eager():
     prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (7, 3)]
     eager = generate(model, prompts, 6)
     assert [len(o) for o in eager] == [6, 6]
-    assert generate(model, prompts, 6, compile=True) == eager
+    assert generate(model, prompts, 6, compile={"backend": "aot_eager"}) == eager
 
 
 def test_last_only_logits_equal_the_full_logits_at_the_last_tokens():

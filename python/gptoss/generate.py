@@ -1,7 +1,7 @@
 """Text generation over the KV cache: a batch of prompts of different lengths is prefilled in one
 call, then decoded one token per step (each step costs one token's work per sequence)."""
 import functools
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
@@ -12,15 +12,17 @@ from .model import Transformer
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
-             max_len: Optional[int] = None, compile: bool = False, cuda_graph: bool = False) -> List[List[int]]:
+             max_len: Optional[int] = None, compile: Union[bool, Dict[str, Any]] = False,
+             cuda_graph: bool = False) -> List[List[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) with
     a generator seeded by `seed`. A sequence stops after emitting a token in `stop_tokens` (the
     stop token is included). Returns the new tokens of each prompt.
 
-    The decode steps run eagerly, compiled (compile=True: Transformer.compile_decode, inductor)
-    or replayed from a CUDA graph (cuda_graph=True, CUDA models: gptoss.CUDAGraphDecoder).
+    The decode steps run eagerly, compiled (compile=True, or a dict of torch.compile arguments:
+    Transformer.compile_decode) or replayed from a CUDA graph (cuda_graph=True, CUDA models:
+    gptoss.CUDAGraphDecoder).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
@@ -39,7 +41,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     if cuda_graph and max_new_tokens > 1:
         step = CUDAGraphDecoder(model, caches)  # tokens [B, 1] -> logits [B, 1, vocab]
     else:
-        decode = model.compile_decode() if compile else model.decode_step
+        decode = model.compile_decode(**(compile if isinstance(compile, dict) else {})) if compile else \
+            model.decode_step
         step = functools.partial(decode, caches=caches)
     gen = torch.Generator(device=device)
     if seed is not None:
