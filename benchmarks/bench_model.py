@@ -255,35 +255,38 @@ def cpu_compare(a):
                        "--tmp", tmp])
     print(f"checkpoints in {tmp}: built in {made['build_s']:.1f} s, written in {made['save_s']:.1f} s "
           f"(peak RSS {gib(made['peak_rss'])} GiB)")
-    common_args = ["--tmp", tmp, "--context", str(a.context), "--prefill", str(a.prefill), "--steps", str(a.steps),
-                   "--reps", str(a.reps)]
-    bw0 = copy_bandwidth()
-    ours = run_worker(["--worker", "ours", "--ckpt", ours_dir] + common_args)
-    print(f"ours done (load average {load_avg()})")
-    hf = run_worker(["--worker", "hf", "--ckpt", hf_dir] + common_args)
-    print(f"transformers done (load average {load_avg()})")
-    bw = (bw0 + copy_bandwidth()) / 2
+    floor_ours = decode_bytes_per_token(cfg, a.context, "mxfp4")
+    floor_hf = decode_bytes_per_token(cfg, a.context, "dense")
+    rows = []
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        common_args = ["--tmp", tmp, "--context", str(a.context), "--prefill", str(a.prefill), "--steps",
+                       str(a.steps), "--reps", str(a.reps), "--threads", str(threads)]
+        bw0 = copy_bandwidth()
+        ours = run_worker(["--worker", "ours", "--ckpt", ours_dir] + common_args)
+        print(f"{threads} thread(s): ours done (load average {load_avg()})")
+        hf = run_worker(["--worker", "hf", "--ckpt", hf_dir] + common_args)
+        print(f"{threads} thread(s): transformers done (load average {load_avg()})")
+        bw = (bw0 + copy_bandwidth()) / 2
+        rows.append([threads, f"{bw / 1e9:.1f}", "ours (gptoss_ext, MXFP4 experts)", f"{a.prefill / ours['prefill_s']:.1f}",
+                     f"{1 / ours['decode_s']:.2f}", f"{floor_ours / 1e9:.2f}", f"{floor_ours / ours['decode_s'] / bw:.2f}",
+                     "1.00", "1.00", f"{ours['load_s']:.1f}", gib(ours["peak_rss"])])
+        for impl, r in hf["impls"].items():
+            rows.append([threads, f"{bw / 1e9:.1f}", f"transformers {hf['transformers']} bf16 ({impl} experts)",
+                         f"{a.prefill / r['prefill_s']:.1f}", f"{1 / r['decode_s']:.2f}", f"{floor_hf / 1e9:.2f}",
+                         f"{floor_hf / r['decode_s'] / bw:.2f}", f"{r['prefill_s'] / ours['prefill_s']:.2f}",
+                         f"{r['decode_s'] / ours['decode_s']:.2f}", f"{hf['load_s']:.1f}", gib(hf["peak_rss"])])
     lo, lh = torch.load(os.path.join(tmp, "logits_ours.pt")), torch.load(os.path.join(tmp, "logits_hf.pt"))
     agree = ((lo - lh).norm() / lh.norm()).item()
     top1 = (lo.argmax(-1) == lh.argmax(-1)).float().mean().item()
-
-    floor_ours = decode_bytes_per_token(cfg, a.context, "mxfp4")
-    floor_hf = decode_bytes_per_token(cfg, a.context, "dense")
-    rows = [["ours (gptoss_ext, MXFP4 experts)", f"{a.prefill / ours['prefill_s']:.1f}", f"{1 / ours['decode_s']:.2f}",
-             f"{floor_ours / 1e9:.2f}", f"{floor_ours / ours['decode_s'] / bw:.2f}", "1.00", "1.00",
-             f"{ours['load_s']:.1f}", gib(ours["peak_rss"])]]
-    for impl, r in hf["impls"].items():
-        rows.append([f"transformers {hf['transformers']} bf16 ({impl} experts)", f"{a.prefill / r['prefill_s']:.1f}",
-                     f"{1 / r['decode_s']:.2f}", f"{floor_hf / 1e9:.2f}", f"{floor_hf / r['decode_s'] / bw:.2f}",
-                     f"{r['prefill_s'] / ours['prefill_s']:.2f}", f"{r['decode_s'] / ours['decode_s']:.2f}",
-                     f"{hf['load_s']:.1f}", gib(hf["peak_rss"])])
     print_table(f"gpt-oss-20b cut to {a.layers} layers, CPU, batch 1: prefill of {a.prefill} tokens, decode after "
-                f"{a.context} cached tokens; copy bandwidth {bw / 1e9:.1f} GB/s (read+write, mean of before/after)",
-                ["impl", "prefill tok/s", "decode tok/s", "GB read / token", "of BW floor", "ours prefill speed-up",
-                 "ours decode speed-up", "load s", "peak RSS GiB"], rows)
+                f"{a.context} cached tokens; copy bandwidth (read+write, at the same thread count, mean of "
+                f"before/after) is the floor's denominator",
+                ["threads", "copy GB/s", "impl", "prefill tok/s", "decode tok/s", "GB read / token", "of BW floor",
+                 "ours prefill speed-up", "ours decode speed-up", "load s", "peak RSS GiB"], rows)
     print(f"- same weights: logits on a 16-token prompt, ours vs transformers: rel. error {agree:.2e}, "
           f"top-1 agreement {top1:.2f} (bf16)")
-    print(f"- load average at the end: {load_avg()}; threads {torch.get_num_threads()}")
+    print(f"- load average at the end: {load_avg()}")
     if not a.keep:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -299,19 +302,23 @@ def cpu_full(a):
         print(f"wrote {ckpt}: built in {made['build_s']:.1f} s, written in {made['save_s']:.1f} s "
               f"(peak RSS {gib(made['peak_rss'])} GiB)")
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-    bw0 = copy_bandwidth()
-    tmp = tempfile.mkdtemp(prefix="bench_model_", dir=a.tmp_root)
-    ours = run_worker(["--worker", "ours", "--ckpt", ckpt, "--tmp", tmp, "--context", str(a.context),
-                       "--prefill", "0", "--steps", str(a.steps), "--reps", "1"])
-    bw = (bw0 + copy_bandwidth()) / 2
     floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
-    print_table(f"gpt-oss-20b full size, random MXFP4 weights ({size / 1e9:.1f} GB checkpoint), CPU, batch 1, decode "
-                f"after {a.context} cached tokens; copy bandwidth {bw / 1e9:.1f} GB/s",
-                ["impl", "load s", "decode tok/s", "GB read / token", "floor tok/s", "of BW floor",
-                 "RSS after load GiB", "peak RSS GiB"],
-                [["ours", f"{ours['load_s']:.1f}", f"{1 / ours['decode_s']:.3f}", f"{floor / 1e9:.2f}",
-                  f"{bw / floor:.3f}", f"{floor / ours['decode_s'] / bw:.2f}", gib(ours["rss_after_load"]),
-                  gib(ours["peak_rss"])]])
+    tmp = tempfile.mkdtemp(prefix="bench_model_", dir=a.tmp_root)
+    rows = []
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        bw0 = copy_bandwidth()
+        ours = run_worker(["--worker", "ours", "--ckpt", ckpt, "--tmp", tmp, "--context", str(a.context),
+                           "--prefill", "0", "--steps", str(a.steps), "--reps", "1", "--threads", str(threads)])
+        bw = (bw0 + copy_bandwidth()) / 2
+        rows.append([threads, f"{bw / 1e9:.1f}", f"{ours['load_s']:.1f}", f"{1 / ours['decode_s']:.3f}",
+                     f"{floor / 1e9:.2f}", f"{bw / floor:.3f}", f"{floor / ours['decode_s'] / bw:.2f}",
+                     gib(ours["rss_after_load"]), gib(ours["peak_rss"])])
+        print(f"{threads} thread(s) done (load average {load_avg()})")
+    print_table(f"gpt-oss-20b full size, random MXFP4 weights ({size / 1e9:.1f} GB checkpoint, memory-mapped), CPU, "
+                f"batch 1, decode after {a.context} cached tokens",
+                ["threads", "copy GB/s", "load s", "decode tok/s", "GB read / token", "floor tok/s", "of BW floor",
+                 "RSS after load GiB", "peak RSS GiB"], rows)
     print(f"- load average at the end: {load_avg()}")
 
 
@@ -346,13 +353,14 @@ def gpu(a):
             logits = model(ctx, caches, last_only=True)
             tok = logits.argmax(-1).view(1, 1)
             step = CUDAGraphDecoder(model, caches) if mode == "cuda graph" else (lambda t: model.decode_step(t, caches))
-            t = time_fn(lambda: step(tok), dev, min_time=1.0, warmup=3, max_iters=a.steps)
+            # greedy: each step's argmax is the next step's token (on the device, no host sync)
+            t = time_fn(lambda: tok.copy_(step(tok)[:, -1].argmax(-1, keepdim=True)), dev, min_time=1.0, warmup=3,
+                        max_iters=a.steps)
             floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
             rows.append([mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}", f"{bw / floor:.0f}",
                          f"{floor / t / bw:.2f}", gib(torch.cuda.max_memory_allocated())])
-            del step, caches
     print_table(f"gpt-oss-20b, random MXFP4 weights, {torch.cuda.get_device_name()}, batch 1, decode after {a.context} "
-                f"cached tokens (the token fed back each step); copy bandwidth {bw / 1e9:.0f} GB/s; built in "
+                f"cached tokens (greedy, the token fed back on the device); copy bandwidth {bw / 1e9:.0f} GB/s; built in "
                 f"{build_s:.1f} s", ["decode", "tok/s", "ms / token", "GB read / token", "floor tok/s",
                                      "of BW floor", "peak GPU mem GiB"], rows)
 
@@ -370,6 +378,8 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 16 CPU, 200 GPU)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
+    p.add_argument("--threads", default=None, help="CPU: comma-separated thread counts, one run of each side per "
+                   "count (default: torch's default count)")
     # worker mode (internal)
     p.add_argument("--worker", choices=sorted(WORKERS))
     p.add_argument("--ckpt")
@@ -377,8 +387,11 @@ def main():
     p.add_argument("--tmp")
     a = p.parse_args()
     if a.worker:
+        if a.threads:
+            torch.set_num_threads(int(a.threads))
         print(json.dumps(WORKERS[a.worker](a)))
         return
+    a.threads = [int(n) for n in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
     if a.context is None:
         a.context = 128 if a.full else 1024
     if a.steps is None:
