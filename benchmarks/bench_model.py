@@ -262,12 +262,23 @@ def cpu_compare(a):
         torch.set_num_threads(threads)
         common_args = ["--tmp", tmp, "--context", str(a.context), "--prefill", str(a.prefill), "--steps",
                        str(a.steps), "--reps", str(a.reps), "--threads", str(threads)]
-        bw0 = copy_bandwidth()
-        ours = run_worker(["--worker", "ours", "--ckpt", ours_dir] + common_args)
-        print(f"{threads} thread(s): ours done (load average {load_avg()})")
-        hf = run_worker(["--worker", "hf", "--ckpt", hf_dir] + common_args)
-        print(f"{threads} thread(s): transformers done (load average {load_avg()})")
-        bw = (bw0 + copy_bandwidth()) / 2
+        # --rounds alternates the two sides (ours, transformers, ours, ...) and keeps each figure's
+        # median over the rounds, so that load changes on a shared machine hit both sides alike
+        bws, ours_runs, hf_runs = [], [], []
+        for r in range(a.rounds):
+            bws.append(copy_bandwidth())
+            ours_runs.append(run_worker(["--worker", "ours", "--ckpt", ours_dir] + common_args))
+            print(f"{threads} thread(s), round {r + 1}: ours done (load average {load_avg()})")
+            hf_runs.append(run_worker(["--worker", "hf", "--ckpt", hf_dir] + common_args))
+            print(f"{threads} thread(s), round {r + 1}: transformers done (load average {load_avg()})")
+        bws.append(copy_bandwidth())
+        bw = median(bws)
+        ours = {key: median([o[key] for o in ours_runs]) for key in ("prefill_s", "decode_s", "load_s")}
+        ours["peak_rss"] = max(o["peak_rss"] for o in ours_runs)
+        hf = dict(hf_runs[0], load_s=median([h["load_s"] for h in hf_runs]),
+                  peak_rss=max(h["peak_rss"] for h in hf_runs),
+                  impls={impl: {key: median([h["impls"][impl][key] for h in hf_runs]) for key in ("prefill_s", "decode_s")}
+                         for impl in hf_runs[0]["impls"]})
         rows.append([threads, f"{bw / 1e9:.1f}", "ours (gptoss_ext, MXFP4 experts)", f"{a.prefill / ours['prefill_s']:.1f}",
                      f"{1 / ours['decode_s']:.2f}", f"{floor_ours / 1e9:.2f}", f"{floor_ours / ours['decode_s'] / bw:.2f}",
                      "1.00", "1.00", f"{ours['load_s']:.1f}", gib(ours["peak_rss"])])
@@ -280,8 +291,8 @@ def cpu_compare(a):
     agree = ((lo - lh).norm() / lh.norm()).item()
     top1 = (lo.argmax(-1) == lh.argmax(-1)).float().mean().item()
     print_table(f"gpt-oss-20b cut to {a.layers} layers, CPU, batch 1: prefill of {a.prefill} tokens, decode after "
-                f"{a.context} cached tokens; copy bandwidth (read+write, at the same thread count, mean of "
-                f"before/after) is the floor's denominator",
+                f"{a.context} cached tokens; medians over {a.rounds} alternating round(s); copy bandwidth (read+write, "
+                f"at the same thread count, median of the measurements between the runs) is the floor's denominator",
                 ["threads", "copy GB/s", "impl", "prefill tok/s", "decode tok/s", "GB read / token", "of BW floor",
                  "ours prefill speed-up", "ours decode speed-up", "load s", "peak RSS GiB"], rows)
     print(f"- same weights: logits on a 16-token prompt, ours vs transformers: rel. error {agree:.2e}, "
@@ -378,6 +389,8 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 16 CPU, 200 GPU)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
+    p.add_argument("--rounds", type=int, default=1, help="CPU comparison: alternating rounds of the two sides "
+                   "(medians reported; use 3 on a shared machine)")
     p.add_argument("--threads", default=None, help="CPU: comma-separated thread counts, one run of each side per "
                    "count (default: torch's default count)")
     # worker mode (internal)
