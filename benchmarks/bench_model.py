@@ -331,6 +331,8 @@ def cpu_full(a):
                 ["threads", "copy GB/s", "load s", "decode tok/s", "GB read / token", "floor tok/s", "of BW floor",
                  "RSS after load GiB", "peak RSS GiB"], rows)
     print(f"- load average at the end: {load_avg()}")
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gpu(a):
