@@ -4,6 +4,10 @@ Typical step: `cache.append(k, v)` writes the new tokens' keys/values, `cache.at
 runs their attention over everything cached (the new tokens included), `cache.advance(n)` moves
 the lengths past them. Prompts of different lengths: append the padded prompt [B, T] and advance
 each sequence by its own length (`advance([5, 3])`); the padding slots are overwritten later.
+
+For a compiled or CUDA-graph step the host and device parts are separate: `check_room(n)` (host),
+then `write`, `attend` and `lengths.add_(n)` (device only, no host state read), then
+`advance_host(n)` (host).
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -53,16 +57,25 @@ class KVCache:
         """S, the number of token slots per sequence."""
         return self.k.shape[1]
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        """Write k, v [B, Tn, Hkv, D] at positions lengths[b] .. lengths[b] + Tn - 1 (lengths unchanged)."""
-        tn = k.shape[1] if k.dim() == 4 else 0
+    def check_room(self, tn: int) -> None:
+        """Raise unless every sequence can take `tn` more tokens in one step (host state only)."""
         if self.ring and tn > self.max_step:
-            raise ValueError(f"KVCache.append: {tn} tokens at once exceed max_step = {self.max_step} of this "
+            raise ValueError(f"KVCache: {tn} tokens at once exceed max_step = {self.max_step} of this "
                              f"sliding-window ring cache ({self.slots} slots, window {self.window})")
         for b, n in enumerate(self.host_lengths):
             if n + tn > self.max_len:
                 raise ValueError(f"cache overflow: sequence {b} would reach {n + tn} tokens, capacity "
                                  f"{self.max_len}")
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write k, v [B, Tn, Hkv, D] at positions lengths[b] .. lengths[b] + Tn - 1 (lengths unchanged)."""
+        self.check_room(k.shape[1] if k.dim() == 4 else 0)
+        self.write(k, v)
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """`append` without the host-side room check: device work only, reads no host state (so it
+        can be traced by torch.compile or captured in a CUDA graph). The caller runs
+        check_room(Tn) first; an unchecked overflow is a RuntimeError on CPU and dropped on CUDA."""
         kv_cache_append(self.k, self.v, k, v, self.lengths, ring=self.ring)
 
     def attend(self, q: Tensor, sinks: Optional[Tensor] = None, sm_scale: Optional[float] = None
@@ -86,6 +99,11 @@ class KVCache:
             self.lengths.add_(n)
         else:
             self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32))
+
+    def advance_host(self, n: int) -> None:
+        """Record on the host that `lengths` was advanced by n for every sequence by device work
+        (a compiled or graph-captured step that ran `lengths.add_(n)` after check_room(n))."""
+        self.host_lengths = [h + int(n) for h in self.host_lengths]
 
     def reset(self) -> None:
         """Empty every sequence (the stored values are left to be overwritten)."""

@@ -4,7 +4,7 @@
 per-sequence positions in a ragged batch), gathered from a table that is built once per device
 and grown on demand.
 """
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,7 +40,10 @@ class RotaryEmbedding:
                                                           initial_context_length, rope_ntk_alpha, rope_ntk_beta)
         self._tables: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
 
-    def _table(self, device: torch.device, length: int) -> Tuple[Tensor, Tensor]:
+    def table(self, device: Union[str, torch.device], length: int) -> Tuple[Tensor, Tensor]:
+        """(cos, sin) tables [L, head_dim/2] float32 on `device` with L >= length: row p holds
+        position p. The same tensors are returned until a longer table is asked for."""
+        device = torch.device(device)
         have = self._tables.get(device)
         if have is None or have[0].shape[0] < length:
             n = max(length, 2 * have[0].shape[0] if have is not None else 4096)
@@ -56,5 +59,5 @@ class RotaryEmbedding:
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError("positions must be >= 0")
         length = int(positions.max()) + 1 if positions.numel() else 1
-        cos, sin = self._table(positions.device, length)
+        cos, sin = self.table(positions.device, length)
         return cos[positions], sin[positions]

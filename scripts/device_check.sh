@@ -59,5 +59,10 @@ for b in benchmarks/bench_rms_norm.py benchmarks/bench_rope.py; do
   step "$(basename "$b" .py)" 120 $PY "$b" --device cuda
 done
 step bench_moe_cuda 180 $PY scripts/cuda_smoke_moe.py --bench
+# Model: the CUDA model tests on their own (CUDA-graph decode == eager; they also run in the pytest
+# step above, which stops at the first failure), then gpt-oss-20b decode at batch 1 (random MXFP4
+# weights, ~13 GB of GPU memory), eager and CUDA graph, vs the bandwidth floor.
+step model_cuda 180 $PY -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -91,6 +91,102 @@ def test_ragged_batch_prefill_then_decode():
             assert rel_err(torch.stack(outs[i]), alone) < 1e-5
 
 
+def _ragged_prompts(model, lens, extra):
+    """Random sequences of lens[i] + extra tokens and the right-padded [B, max(lens)] prompt batch."""
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n + extra,)) for n in lens]
+    padded = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for i, n in enumerate(lens):
+        padded[i, :n] = seqs[i][:n]
+    return seqs, padded
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_decode_step_compiles_once(backend):
+    from torch._dynamo.utils import counters
+    model = Transformer.from_config(TINY, seed=8, mxfp4=True, dtype=torch.float32)
+    lens, steps = [14, 5], 54  # sequence 0 passes 64 tokens: the sliding layers' 64-slot ring wraps
+    seqs, padded = _ragged_prompts(model, lens, steps)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager_caches, compiled_caches = (model.new_caches(2, 80, max_step=16) for _ in range(2))
+        assert eager_caches[0].ring and eager_caches[0].slots == 64
+        step = model.compile_decode(backend=backend)
+        outs = []
+        for caches in (eager_caches, compiled_caches):
+            model(padded, caches, advance=lens)
+        for s in range(steps):
+            tok = torch.stack([seqs[i][n + s] for i, n in enumerate(lens)])[:, None]
+            eager = model.decode_step(tok, eager_caches)
+            compiled = step(tok, compiled_caches)
+            assert rel_err(compiled, eager) < 1e-6
+            outs.append(compiled[:, 0])
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every step (and no recompile)
+    assert compiled_caches[0].host_lengths == [n + steps for n in lens]
+    assert compiled_caches[0].lengths.tolist() == compiled_caches[0].host_lengths
+    with torch.no_grad():
+        for i, n in enumerate(lens):
+            alone = model(seqs[i][None, : n + steps])[0, n:]
+            assert rel_err(torch.stack([o[i] for o in outs]), alone) < 1e-5
+
+
+def test_decode_step_checks_room_before_writing():
+    model = Transformer.from_config(TINY, seed=9, dtype=torch.float32)
+    caches = model.new_caches(1, 4)
+    with torch.no_grad():
+        model(torch.randint(0, TINY.vocab_size, (1, 4)), caches)
+        k_before = caches[0].k.clone()
+        with pytest.raises(ValueError, match="cache overflow"):
+            model.decode_step(torch.randint(0, TINY.vocab_size, (1, 1)), caches)
+    assert torch.equal(caches[0].k, k_before) and caches[0].lengths.tolist() == [4]
+    assert caches[0].host_lengths == [4]
+
+
+def test_generate_compiled_equals_eager():
+    from gptoss.generate import generate
+    model = Transformer.from_config(TINY, seed=10, dtype=torch.float32)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (7, 3)]
+    eager = generate(model, prompts, 6)
+    assert [len(o) for o in eager] == [6, 6]
+    assert generate(model, prompts, 6, compile={"backend": "aot_eager"}) == eager
+
+
+def test_last_only_logits_equal_the_full_logits_at_the_last_tokens():
+    model = Transformer.from_config(TINY, seed=14, dtype=torch.float32)
+    lens = [11, 4]
+    seqs, padded = _ragged_prompts(model, lens, 0)
+    with torch.no_grad():
+        full = model(padded)
+        assert rel_err(model(padded, last_only=True), full[:, -1]) < 1e-6
+        caches, ref_caches = model.new_caches(2, 16, max_step=11), model.new_caches(2, 16, max_step=11)
+        last = model(padded, caches, advance=lens, last_only=True)
+        ref = model(padded, ref_caches, advance=lens)
+        assert last.shape == (2, TINY.vocab_size)
+        for i, n in enumerate(lens):
+            assert rel_err(last[i], ref[i, n - 1]) < 1e-6
+        assert caches[0].host_lengths == lens
+        with pytest.raises(ValueError, match="last_only"):
+            model(padded, model.new_caches(2, 16, max_step=11), advance=[0, 4], last_only=True)
+
+
+def test_generate_long_prompts_past_the_window():
+    from gptoss.generate import generate
+    model = Transformer.from_config(TINY, seed=15, dtype=torch.float32)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (70, 20)]  # > window and > 64 slots
+    out = generate(model, prompts, 3)
+    with torch.no_grad():  # greedy: each new token is the argmax of the full forward over the sequence so far
+        for p, new in zip(prompts, out):
+            seq = torch.tensor(p + new)[None]
+            assert model(seq)[0, len(p) - 1:-1].argmax(-1).tolist() == new
+
+
+def test_cuda_graph_decoder_needs_a_cuda_model():
+    from gptoss import CUDAGraphDecoder
+    model = Transformer.from_config(TINY, seed=11, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA device"):
+        CUDAGraphDecoder(model, model.new_caches(1, 8))
+
+
 def test_bf16_close_to_fp32():
     m32 = Transformer.from_config(TINY, seed=4, dtype=torch.float32)
     m16 = Transformer.from_config(TINY, seed=4, dtype=torch.bfloat16)

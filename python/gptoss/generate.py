@@ -1,35 +1,49 @@
 """Text generation over the KV cache: a batch of prompts of different lengths is prefilled in one
 call, then decoded one token per step (each step costs one token's work per sequence)."""
-from typing import Iterable, List, Optional, Sequence
+import functools
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from .cuda_graph import CUDAGraphDecoder
 from .model import Transformer
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
-             max_len: Optional[int] = None) -> List[List[int]]:
+             max_len: Optional[int] = None, compile: Union[bool, Dict[str, Any]] = False,
+             cuda_graph: bool = False) -> List[List[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) with
     a generator seeded by `seed`. A sequence stops after emitting a token in `stop_tokens` (the
     stop token is included). Returns the new tokens of each prompt.
+
+    The decode steps run eagerly, compiled (compile=True, or a dict of torch.compile arguments:
+    Transformer.compile_decode) or replayed from a CUDA graph (cuda_graph=True, CUDA models:
+    gptoss.CUDAGraphDecoder).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
     if temperature < 0:
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if compile and cuda_graph:
+        raise ValueError("generate: choose one of compile and cuda_graph")
     device = model.device
     lens = [len(p) for p in prompts]
     max_len = max_len or max(lens) + max_new_tokens
-    caches = model.new_caches(len(prompts), max_len)
+    caches = model.new_caches(len(prompts), max_len, max_step=max(lens))  # the prefill is one step
     padded = torch.zeros(len(prompts), max(lens), dtype=torch.long)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = torch.as_tensor(list(p))
-    logits = model(padded.to(device), caches, advance=lens)
-    last = logits[torch.arange(len(prompts), device=device), torch.tensor(lens, device=device) - 1]
+    last = model(padded.to(device), caches, advance=lens, last_only=True)
+    if cuda_graph and max_new_tokens > 1:
+        step = CUDAGraphDecoder(model, caches)  # tokens [B, 1] -> logits [B, 1, vocab]
+    else:
+        decode = model.compile_decode(**(compile if isinstance(compile, dict) else {})) if compile else \
+            model.decode_step
+        step = functools.partial(decode, caches=caches)
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -48,5 +62,5 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
                 done[i] = t in stop
         if all(done):
             break
-        last = model(nxt[:, None], caches)[:, 0]
+        last = step(nxt[:, None])[:, 0]
     return out

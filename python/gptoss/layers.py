@@ -45,7 +45,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
         """x [B, T, d]; cos/sin [T, D/2] or [B, T, D/2] for the tokens' positions. Without a cache
-        the T tokens are positions 0..T-1 of their sequences; with one they follow its contents."""
+        the T tokens are positions 0..T-1 of their sequences; with one they follow its contents
+        (written with KVCache.write: the caller has checked the cache's room for T tokens)."""
         cfg = self.cfg
         b, t, _ = x.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -58,7 +59,7 @@ class AttentionBlock(nn.Module):
         if cache is None:
             o, _ = ops.attention(q, k, v, self.sinks, sm_scale=self.sm_scale, window=self.window)
         else:
-            cache.append(k, v.contiguous())
+            cache.write(k, v.contiguous())
             o, _ = cache.attend(q, self.sinks, sm_scale=self.sm_scale)
         return x + self.out(o.reshape(b, t, hq * hd))
 

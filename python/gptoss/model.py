@@ -1,7 +1,8 @@
 """The gpt-oss Transformer (spec §2.0): embedding, blocks alternating sliding-window and full
 attention with a mixture of experts, final RMSNorm, untied unembedding. Runs a full forward over
 [B, T] tokens, or an incremental one over per-layer KV caches (ring buffers on sliding layers)."""
-from typing import List, Optional, Sequence, Union
+import functools
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -107,31 +108,111 @@ class Transformer(nn.Module):
                 for n in range(cfg.num_hidden_layers)]
 
     def forward(self, tokens: Tensor, caches: Optional[Sequence[gptoss_ext.KVCache]] = None,
-                advance: Optional[Union[int, Sequence[int]]] = None) -> Tensor:
+                advance: Optional[Union[int, Sequence[int]]] = None, *, last_only: bool = False) -> Tensor:
         """tokens [B, T] int64 -> logits [B, T, vocab] in the model dtype.
 
         Without caches: the tokens are positions 0..T-1 of B sequences (causal, windows per layer).
         With caches (from new_caches): the tokens follow what each sequence's caches hold; the
         caches then advance by `advance` tokens per sequence (default T; for a right-padded batch
         of prompts pass the real lengths, the padding slots are overwritten later).
+        last_only: return only each sequence's last token's logits [B, vocab] (token T-1, or
+        advance[b]-1 with per-sequence counts), skipping the unembedding of the others (a prefill).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         b, t = tokens.shape
         if caches is None:
             cos, sin = self.rope.cos_sin(torch.arange(t, device=tokens.device))
-        else:
-            if len(caches) != len(self.block):
-                raise ValueError(f"expected {len(self.block)} caches (one per layer), got {len(caches)}")
-            start = torch.tensor(caches[0].host_lengths, device=tokens.device, dtype=torch.int64)
-            cos, sin = self.rope.cos_sin(start[:, None] + torch.arange(t, device=tokens.device))
+            x = self.embedding(tokens)
+            for blk in self.block:
+                x = blk(x, cos, sin)
+            return self.unembedding(self.norm(x[:, -1] if last_only else x))
+        if advance is None or (isinstance(advance, int) and advance == t):
+            if not last_only:
+                return self.decode_step(tokens, caches)
+            advance = t
+        last = None
+        if last_only:
+            counts = [advance] * b if isinstance(advance, int) else list(advance)
+            if len(counts) != b or any(not 1 <= c <= t for c in counts):
+                raise ValueError(f"last_only needs advance in 1..T={t} for each of the {b} sequences, got {advance}")
+            last = torch.tensor([c - 1 for c in counts], device=tokens.device)
+        self._check_caches(tokens, caches)
+        logits = self.step_tensors(tokens, caches, *self.rope_tables(caches), advance=False, last=last)
+        for c in caches:
+            c.advance(advance)
+        return logits
+
+    # ---------------------------------------------------------------- incremental (decode) steps
+    #
+    # A step over the KV caches is split in three so that its tensor part can be compiled once
+    # (torch.compile) or captured once (CUDA graph) and replayed for every step:
+    #   1. host checks (_check_caches: cache count, room for T tokens, from host_lengths);
+    #   2. step_tensors: device work only. Positions come from the device `lengths`, cos/sin are
+    #      gathered from the fixed rope tables inside the step, k/v are written at `lengths`, and
+    #      `lengths` is advanced by T on the device. No host state is read, no host sync;
+    #   3. host bookkeeping (KVCache.advance_host).
+
+    def _check_caches(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache]) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        if len(caches) != len(self.block):
+            raise ValueError(f"expected {len(self.block)} caches (one per layer), got {len(caches)}")
+        if len(caches[0].host_lengths) != tokens.shape[0]:
+            raise ValueError(f"tokens has batch {tokens.shape[0]} but the caches hold "
+                             f"{len(caches[0].host_lengths)} sequences")
+        for c in caches:
+            c.check_room(tokens.shape[1])
+
+    def rope_tables(self, caches: Sequence[gptoss_ext.KVCache]) -> Tuple[Tensor, Tensor]:
+        """cos/sin tables [L, head_dim/2] covering every position the caches can hold (L >= max_len);
+        the same tensors from call to call, so a compiled or captured step keeps reading them."""
+        return self.rope.table(caches[0].k.device, max(c.max_len for c in caches))
+
+    def step_tensors(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache], cos_table: Tensor,
+                     sin_table: Tensor, advance: bool = True, last: Optional[Tensor] = None) -> Tensor:
+        """The device part of an incremental step: tokens [B, T] follow each sequence's cached
+        tokens (positions lengths[b] .. lengths[b] + T - 1); writes their keys/values, returns logits
+        [B, T, vocab] (with `last` [B] int64: the logits [B, vocab] of token last[b] of each
+        sequence only) and, with advance, adds T to every cache's device `lengths`.
+
+        Reads no host state, so it traces under torch.compile(fullgraph=True) without guards on
+        lengths and can be captured in a CUDA graph. The caller checks room first (_check_caches)
+        and records the advance on the host after (KVCache.advance_host); decode_step does both.
+        """
+        t = tokens.shape[1]
+        positions = caches[0].lengths.long()[:, None] + torch.arange(t, device=tokens.device)
+        cos, sin = cos_table[positions], sin_table[positions]  # [B, T, D/2]
         x = self.embedding(tokens)
-        for n, blk in enumerate(self.block):
-            x = blk(x, cos, sin, None if caches is None else caches[n])
-        if caches is not None:
-            for c in caches:
-                c.advance(t if advance is None else advance)
+        for blk, cache in zip(self.block, caches):
+            x = blk(x, cos, sin, cache)
+        if advance:
+            for cache in caches:
+                cache.lengths.add_(t)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
         return self.unembedding(self.norm(x))
+
+    def decode_step(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache],
+                    step_fn: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """One incremental step advancing every sequence by T = tokens.shape[1] (a decode step:
+        tokens [B, 1]): host checks, `step_fn` (default step_tensors; compile_decode passes a
+        compiled one), host bookkeeping. Returns logits [B, T, vocab]."""
+        self._check_caches(tokens, caches)
+        cos, sin = self.rope_tables(caches)
+        logits = (step_fn or self.step_tensors)(tokens, caches, cos, sin)
+        for c in caches:
+            c.advance_host(tokens.shape[1])
+        return logits
+
+    def compile_decode(self, **compile_kwargs) -> Callable[[Tensor, Sequence[gptoss_ext.KVCache]], Tensor]:
+        """decode_step with step_tensors compiled by torch.compile(**compile_kwargs) (default
+        fullgraph=True, dynamic=False): compiles on the first call, then once per new batch size,
+        tokens per step or cache set-up; the step-to-step growth of the lengths does not recompile."""
+        kwargs = dict(fullgraph=True, dynamic=False)
+        kwargs.update(compile_kwargs)
+        compiled = torch.compile(self.step_tensors, **kwargs)
+        return functools.partial(self.decode_step, step_fn=compiled)
 
     def num_parameters(self) -> int:
         """Parameters, counting MXFP4 expert weights as their dense element count."""
