@@ -408,7 +408,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS), R = (t1 - t0) * G;  // R rows per head
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
 #if defined(CPU_CAPABILITY_AVX512)
-  const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_has_avx512_bf16();
+  // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
+  // the pair form halves them; prefill's many rows keep the float FMA GEMM.
+  const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
 #else
   constexpr bool dp_bf16 = false;
 #endif
