@@ -6,8 +6,8 @@
 // query block (decode), so a unit streams whole contiguous cache rows. Its rows are the block's
 // positions x the G = Hq/Hkv query heads of each of its kv heads, so each K/V tile is loaded
 // (converted to float, K transposed; bf16 K as raw pairs for AVX512-BF16) once for the whole group. Per key tile:
-// S = Q K^T (register-tiled GEMM), mask, online softmax with the sink as the first column
-// (common/attention.h), O = O * alpha + P V. Only tiles that intersect a row's visible range
+// S = Q K^T (register-tiled GEMM), mask, online softmax (common/attention.h: the sink joins the
+// denominator at the end), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
 // Tq x Tk. Units are handed out dynamically (costliest first) and each writes only its own rows,
 // so results do not depend on the schedule.
@@ -165,7 +165,7 @@ inline void scale_row(acc_t* x, acc_t s, int64_t n) {  // n a multiple of the ve
 template <typename acc_t>
 inline acc_t row_max(const acc_t* x, int64_t n) {  // n a multiple of the vector size
   using V = AVec<acc_t>;
-  V m(-attn_inf<acc_t>());
+  V m(attn_neg_inf<acc_t>());
   for (int64_t i = 0; i < n; i += V::size()) m = at::vec::maximum(m, V::loadu(x + i));
   return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
 }
@@ -366,7 +366,7 @@ struct FwdProblem {
     return v + b * vs[0] + slot(p) * vs[1] + h * vs[2];
   }
   // Visible key positions of a query at position pos: [key_lo, key_hi).
-  int64_t key_lo(int64_t b, int64_t pos) const { return std::max(kv_begin[b], attn_key_begin(pos, window)); }
+  int64_t key_lo(int64_t b, int64_t pos) const { return std::max(kv_begin[b], attn_first_visible(pos, window)); }
   int64_t key_hi(int64_t b, int64_t pos) const { return std::min(kv_end[b], pos + 1); }
 };
 
@@ -490,12 +490,11 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
             std::fill(sr, sr + np, acc_t(0));
             continue;
           }
-          std::fill(sr, sr + ra, -attn_inf<acc_t>());
+          std::fill(sr, sr + ra, attn_neg_inf<acc_t>());
         }
-        std::fill(sr + re, sr + np, -attn_inf<acc_t>());
-        acc_t alpha, shift;
-        softmax_update(m[r], row_max(sr, np) * P.scale, alpha, shift);
-        const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, shift);
+        std::fill(sr + re, sr + np, attn_neg_inf<acc_t>());
+        const acc_t alpha = softmax_update_max<false>(m[r], row_max(sr, np) * P.scale);
+        const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, softmax_offset(m[r]));
         l[r] = l[r] * alpha + sum;
         if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
       }
@@ -562,7 +561,8 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
     for (int64_t r = 0; r < HB * nt * G; ++r) {
       const int64_t t = U.t0 + r / G % nt, hq = (U.h0 + r / (nt * G)) * G + r % G;
       acc_t inv_l, lse;
-      softmax_finalize(sc.m[r], sc.l[r], inv_l, lse);
+      const bool has_sink = P.sinks != nullptr;
+      softmax_finalize<false>(sc.m[r], sc.l[r], has_sink, has_sink ? P.sinks[hq] : acc_t(0), inv_l, lse);
       store_row(sc.o.data() + r * Dp, inv_l, P.out + ((U.b * P.Tq + t) * P.Hq + hq) * D, D);
       P.lse[(U.b * P.Hq + hq) * P.Tq + t] = lse;
     }
@@ -593,7 +593,8 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
     }
   });
   if (C == 1) return;
-  // Merge the chunks of each base unit in chunk order, starting from the sink.
+  // Merge the chunks (partials without the sink) of each base unit in chunk order; the sink joins
+  // at write_out (softmax_finalize).
   parallel_units(base_units, base_units * C * UR * Dp, make_scratch, [&](int64_t bu, FwdScratch<acc_t>& sc) {
     const Unit U = unit(bu);
     const int64_t nrows = HB * (U.t1 - U.t0) * G;
@@ -603,7 +604,7 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
       for (int64_t r = 0; r < nrows; ++r) {
         const acc_t* pr = src + r * (Dp + 2);
         acc_t a1, a2;
-        softmax_merge(sc.m[r], sc.l[r], pr[0], pr[1], a1, a2);
+        softmax_combine<false>(sc.m[r], sc.l[r], pr[0], pr[1], a1, a2);
         using V = AVec<acc_t>;
         const V va1(a1), va2(a2);
         acc_t* o = sc.o.data() + r * Dp;
@@ -801,7 +802,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         acc_t* dS = sc.ds.data();
         gemm<acc_t, false, false>(rows, np, D, sc.qb.data(), Dp, sc.kt.data(), kBK, Pm, kBK);
         gemm<acc_t, false, false>(rows, np, D, sc.dob.data(), Dp, sc.vt.data(), kBK, dS, kBK);
-        const bool interior = a >= attn_key_begin(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
+        const bool interior = a >= attn_first_visible(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
         using V = AVec<acc_t>;
         const V vscale(P.scale);
         for (int64_t r = 0; r < rows; ++r) {
@@ -810,7 +811,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
           acc_t* dr = dS + r * kBK;
           int64_t ra = 0, re = n;
           if (!interior) {
-            ra = std::clamp<int64_t>(attn_key_begin(pos, P.window) - a, 0, n);
+            ra = std::clamp<int64_t>(attn_first_visible(pos, P.window) - a, 0, n);
             re = std::clamp<int64_t>(pos + 1 - a, 0, n);
             re = std::max(re, ra);
           }
