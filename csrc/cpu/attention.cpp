@@ -279,9 +279,10 @@ inline void load_pairs_transposed(const c10::BFloat16* src, int64_t stride, int6
   }
 }
 
-// S[i][0:64] = sum over pairs p < np of q[i * ldq + p] . kp[p][0:64] for MR rows (q: bf16 pairs).
+// S[i][0:64] = sum over pairs p < np of q[i * ldq + p] . kp[p][0:64] for MR rows (q: bf16 pairs,
+// held as float bit patterns so that a pair broadcast is a plain vbroadcastss from memory).
 template <int MR>
-__attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const uint32_t* q, int64_t ldq, const uint32_t* kp,
+__attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const float* q, int64_t ldq, const uint32_t* kp,
                                                              int64_t npairs, float* S) {
   static_assert(kBK == 64, "four vectors of keys per tile");
   __m512 c[MR][4];
@@ -291,7 +292,7 @@ __attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const uint32_t* q
     __m512bh kb[4];
     for (int j = 0; j < 4; ++j) kb[j] = (__m512bh)_mm512_loadu_si512(kp + p * kBK + 16 * j);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i * ldq + p]));
+      const __m512bh qa = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(q[i * ldq + p]));
       for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], qa, kb[j]);
     }
   }
@@ -300,7 +301,7 @@ __attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const uint32_t* q
 }
 
 // S[r][0:64] for rows r < R (row stride kBK) from bf16 q rows (pairs, row stride D / 2).
-inline void qk_bf16(int64_t R, int64_t D, const uint32_t* q, const uint32_t* kp, float* S) {
+inline void qk_bf16(int64_t R, int64_t D, const float* q, const uint32_t* kp, float* S) {
   const int64_t np = D / 2;
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) qk_bf16_tile<4>(q + r * np, np, kp, np, S + r * kBK);
@@ -375,7 +376,8 @@ struct FwdProblem {
 template <typename acc_t>
 struct FwdScratch {
   std::vector<acc_t> qb, s, kt, vb, o, m, l;
-  std::vector<uint32_t> qp, kp;  // bf16 pairs of the unit's Q rows and of a K tile (qk_bf16)
+  std::vector<float> qp;     // bf16 pairs of the unit's Q rows, as float bit patterns (qk_bf16)
+  std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
   static FwdScratch& get(int64_t rows, int64_t D, int64_t Dp) {
     thread_local FwdScratch sc;
     const auto grow = [](std::vector<acc_t>& v, int64_t n) {
