@@ -265,7 +265,7 @@ def gpu_main(args, cfg):
             window = win if cache == "ring" else 0
             ctx = max(caches[0], 2 * win) if cache == "ring" else cache  # ring: the last `win` of ctx tokens
             one = 2 * b * (window or ctx) * hkv * d * dtype.itemsize
-            copies = max(1, min(64, -(-4 * l2 // one)))
+            copies = max(1, min(1024, -(-4 * l2 // one)))
             probs, nbytes = decode_case(b, ctx, hq, hkv, d, dtype, dev, window=window, copies=copies)
             fns = [lambda p=p, w=window: attention_decode(p[0], p[1], p[2], p[3], s, window=w, ring=w > 0)
                    for p in probs]
@@ -275,7 +275,6 @@ def gpu_main(args, cfg):
             mask = f"window {win}, ring cache" if window else "causal"
             drows.append([b, ctx, mask, "ours", t * 1e6, nbytes / t / 1e9, nbytes / t / bw])
             if not window:
-                q, kc, vc, _ = probs[0]
                 sfns = [lambda p=p: F.scaled_dot_product_attention(p[0].transpose(1, 2), p[1].transpose(1, 2),
                                                                    p[2].transpose(1, 2), enable_gqa=True)
                         for p in probs]

@@ -222,25 +222,36 @@ inline void transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// dst[d * ldd + i] = src[i * stride + d] as acc_t for i < n, d < D: a K (or V) tile loaded
-// transposed. Columns i in [n, round_up(n, 16)) of dst may be overwritten with zeros (ldd >= that).
+// Row i < n of a tile whose rows are strided by `stride` from src, except that rows i >= n1 (past
+// a ring cache's wrap) continue from src2.
+template <typename T>
+inline const T* tile_row(const T* src, const T* src2, int64_t stride, int64_t n1, int64_t i) {
+  return i < n1 ? src + i * stride : src2 + (i - n1) * stride;
+}
+
+// dst[d * ldd + i] = row(i)[d] as acc_t for i < n, d < D (row(i) = tile_row(src, src2, stride, n1, i)):
+// a K (or V) tile loaded transposed. Columns i in [n, round_up(n, 16)) of dst may be overwritten
+// with zeros (ldd >= that).
 template <typename scalar_t, typename acc_t>
-inline void load_transposed(const scalar_t* src, int64_t stride, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
+inline void load_transposed(const scalar_t* src, const scalar_t* src2, int64_t stride, int64_t n1, int64_t n,
+                            int64_t D, acc_t* dst, int64_t ldd) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float> && kVecSize == 16) {
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
       const int64_t rows = std::min<int64_t>(16, n - i0);
+      const bool plain = i0 + rows <= n1;  // no wrap inside this block
       const scalar_t* blk = src + i0 * stride;
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         const int64_t cols = std::min<int64_t>(16, D - d0);
         __m512 r[16];
-        if (rows == 16 && cols == 16) {
+        if (plain && rows == 16 && cols == 16) {
 #pragma GCC unroll 16
           for (int64_t i = 0; i < 16; ++i) r[i] = load_f(blk + i * stride + d0);
         } else {
-          for (int64_t i = 0; i < 16; ++i)
-            r[i] = i < rows ? __m512(cols == 16 ? load_f(blk + i * stride + d0) : load_f(blk + i * stride + d0, cols))
-                            : _mm512_setzero_ps();
+          for (int64_t i = 0; i < 16; ++i) {
+            const scalar_t* p = tile_row(src, src2, stride, n1, i0 + i) + d0;
+            r[i] = i < rows ? __m512(cols == 16 ? load_f(p) : load_f(p, cols)) : _mm512_setzero_ps();
+          }
         }
         transpose16x16(r);
         for (int64_t c = 0; c < cols; ++c) _mm512_storeu_ps(dst + (d0 + c) * ldd + i0, r[c]);
@@ -249,8 +260,10 @@ inline void load_transposed(const scalar_t* src, int64_t stride, int64_t n, int6
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t d = 0; d < D; ++d) dst[d * ldd + i] = static_cast<acc_t>(src[i * stride + d]);
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* p = tile_row(src, src2, stride, n1, i);
+    for (int64_t d = 0; d < D; ++d) dst[d * ldd + i] = static_cast<acc_t>(p[d]);
+  }
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -263,18 +276,19 @@ inline bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// kp[p * kBK + i] = pair p of src row i (row i at src + i * stride, D bf16 values), i < n, p < D / 2;
-// columns [n, round_up(n, 16)) are zeroed.
-inline void load_pairs_transposed(const c10::BFloat16* src, int64_t stride, int64_t n, int64_t D, uint32_t* kp,
-                                  int64_t col0) {
+// kp[p * kBK + i] = pair p of row(i) = tile_row(src, src2, stride, n1, i) (D bf16 values), i < n <= kBK,
+// p < D / 2; columns [n, round_up(n, 16)) are zeroed.
+inline void load_pairs_transposed(const c10::BFloat16* src, const c10::BFloat16* src2, int64_t stride, int64_t n1,
+                                  int64_t n, int64_t D, uint32_t* kp) {
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     const int64_t rows = std::min<int64_t>(16, n - i0);
     for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {
       __m512 r[16];
       for (int64_t i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(src + (i0 + i) * stride + 2 * p0)) : _mm512_setzero_ps();
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(tile_row(src, src2, stride, n1, i0 + i) + 2 * p0))
+                        : _mm512_setzero_ps();
       transpose16x16(r);
-      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(kp + (p0 + c) * kBK + col0 + i0), r[c]);
+      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(kp + (p0 + c) * kBK + i0), r[c]);
     }
   }
 }
@@ -450,16 +464,10 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
           __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
         }
       }
-      if (!dp_bf16) {
-        load_transposed(kh + sa * kst, kst, n1, D, sc.kt.data(), kBK);
-        if (n1 < n) load_transposed(kh, kst, n - n1, D, sc.kt.data() + n1, kBK);
-      }
+      if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (dp_bf16) {
-          load_pairs_transposed(kh + sa * kst, kst, n1, D, sc.kp.data(), 0);
-          if (n1 < n) load_pairs_transposed(kh, kst, n - n1, D, sc.kp.data(), n1);
-        }
+        if (dp_bf16) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
       }
 #endif
       const acc_t* vt = sc.vb.data();
@@ -788,8 +796,8 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         continue;
       }
       for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
-      load_transposed(P.k + kbase, Hkv * D, n, D, sc.kt.data(), kBK);
-      load_transposed(P.v + kbase, Hkv * D, n, D, sc.vt.data(), kBK);
+      load_transposed(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kt.data(), kBK);
+      load_transposed(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.vt.data(), kBK);
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
