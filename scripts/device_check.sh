@@ -52,12 +52,13 @@ for s in scripts/cuda_smoke*.py; do  # every CUDA op once on small awkward shape
   step "memcheck_$n" 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$s"
   step "racecheck_$n" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$s"
 done
-# GPU benchmarks: the op benchmarks that take --device, and the MoE smoke script's GPU timing
-# (grouped GEMM vs cuBLAS on the same FLOPs, MXFP4 decode GB/s). A GPU attention benchmark
-# (prefill TFLOP/s at T=8192, decode GB/s) is still to be written.
+# GPU benchmarks: the op benchmarks that take --device, the attention benchmark (prefill TFLOP/s
+# vs SDPA flash up to T=8192, backward, decode KV GB/s vs the device copy bandwidth; about 90 s),
+# and the MoE smoke script's GPU timing (grouped GEMM vs cuBLAS on the same FLOPs, MXFP4 decode GB/s).
 for b in benchmarks/bench_rms_norm.py benchmarks/bench_rope.py; do
   step "$(basename "$b" .py)" 120 $PY "$b" --device cuda
 done
+step bench_attention_cuda 150 $PY benchmarks/bench_attention.py --device cuda
 step bench_moe_cuda 180 $PY scripts/cuda_smoke_moe.py --bench
 # Model: the CUDA model tests on their own (CUDA-graph decode == eager; they also run in the pytest
 # step above, which stops at the first failure), then gpt-oss-20b decode at batch 1 (random MXFP4

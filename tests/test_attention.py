@@ -332,6 +332,23 @@ def test_decode_ring_wraps_past_window(dtype):
     assert_close(torch.cat(outs, 1), prefill_reference(q, k, v, s, window)[0], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_ring_wraps_inside_key_tile(dtype):
+    """gpt-oss's window (128) over a minimal ring (S = 128 slots), one token per step: most steps
+    see a 64-key tile that straddles the ring's wrap at a slot that is not a multiple of 16, so
+    the tile is gathered from two runs of slots."""
+    b, hq, hkv, d, window, t = 2, 8, 2, 64, 128, 200
+    q, k, v, s = make(b, t, t, hq, hkv, d, dtype)
+    kc = torch.zeros(b, window, hkv, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    outs = []
+    for pos in range(t):
+        lengths = torch.full((b,), pos, dtype=torch.int32)
+        ops.kv_cache_append(kc, vc, k[:, pos:pos + 1], v[:, pos:pos + 1], lengths, ring=True)
+        outs.append(ops.attention_decode(q[:, pos:pos + 1], kc, vc, lengths, s, window=window, ring=True)[0])
+    assert_close(torch.cat(outs, 1), prefill_reference(q, k, v, s, window)[0], dtype)
+
+
 def test_decode_ring_minimal_slots():
     """The op with the smallest legal ring (S = window + Tq - 1) against the oracle."""
     b, hq, hkv, d, window, tq = 1, 4, 1, 32, 10, 3

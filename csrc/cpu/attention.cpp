@@ -1,11 +1,13 @@
 // Attention with learned sinks, GQA, causal + sliding window on the CPU (spec §2.2): prefill
 // forward and backward, KV-cache append, and decode over a (ragged, optionally ring) cache.
 //
-// Forward (flash style): a work unit is (batch b, kv head h, block of query positions, key chunk).
-// Its rows are the block's positions x the G = Hq/Hkv query heads of kv head h, so each K/V tile
-// is loaded (converted to float, K transposed) once for the whole group. Per key tile:
-// S = Q K^T (register-tiled GEMM), mask, online softmax with the sink as the first column
-// (common/attention.h), O = O * alpha + P V. Only tiles that intersect a row's visible range
+// Forward (flash style): a work unit is (batch b, kv heads, block of query positions, key chunk):
+// one kv head per unit for prefill, all of them (up to kMaxUnitRows rows) when there is a single
+// query block (decode), so a unit streams whole contiguous cache rows. Its rows are the block's
+// positions x the G = Hq/Hkv query heads of each of its kv heads, so each K/V tile is loaded
+// (converted to float, K transposed; bf16 K as raw pairs for AVX512-BF16) once for the whole group. Per key tile:
+// S = Q K^T (register-tiled GEMM), mask, online softmax (common/attention.h: the sink joins the
+// denominator at the end), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
 // Tq x Tk. Units are handed out dynamically (costliest first) and each writes only its own rows,
 // so results do not depend on the schedule.
@@ -163,7 +165,7 @@ inline void scale_row(acc_t* x, acc_t s, int64_t n) {  // n a multiple of the ve
 template <typename acc_t>
 inline acc_t row_max(const acc_t* x, int64_t n) {  // n a multiple of the vector size
   using V = AVec<acc_t>;
-  V m(-attn_inf<acc_t>());
+  V m(attn_neg_inf<acc_t>());
   for (int64_t i = 0; i < n; i += V::size()) m = at::vec::maximum(m, V::loadu(x + i));
   return at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
 }
@@ -220,23 +222,35 @@ inline void transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// dst[d * ldd + i] = row(i)[d] as acc_t for i < n, d < D: a K (or V) tile loaded transposed.
-// Columns i in [n, round_up(n, 16)) of dst may be overwritten with zeros (ldd >= that).
-template <typename scalar_t, typename acc_t, typename RowFn>
-inline void load_transposed(RowFn&& row, int64_t n, int64_t D, acc_t* dst, int64_t ldd) {
+// Row i < n of a tile whose rows are strided by `stride` from src, except that rows i >= n1 (past
+// a ring cache's wrap) continue from src2.
+template <typename T>
+inline const T* tile_row(const T* src, const T* src2, int64_t stride, int64_t n1, int64_t i) {
+  return i < n1 ? src + i * stride : src2 + (i - n1) * stride;
+}
+
+// dst[d * ldd + i] = row(i)[d] as acc_t for i < n, d < D (row(i) = tile_row(src, src2, stride, n1, i)):
+// a K (or V) tile loaded transposed. Columns i in [n, round_up(n, 16)) of dst may be overwritten
+// with zeros (ldd >= that).
+template <typename scalar_t, typename acc_t>
+inline void load_transposed(const scalar_t* src, const scalar_t* src2, int64_t stride, int64_t n1, int64_t n,
+                            int64_t D, acc_t* dst, int64_t ldd) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float> && kVecSize == 16) {
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
       const int64_t rows = std::min<int64_t>(16, n - i0);
+      const bool plain = i0 + rows <= n1;  // no wrap inside this block
+      const scalar_t* blk = src + i0 * stride;
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         const int64_t cols = std::min<int64_t>(16, D - d0);
         __m512 r[16];
-        for (int64_t i = 0; i < 16; ++i) {
-          if (i < rows) {
-            const scalar_t* p = row(i0 + i) + d0;
-            r[i] = cols == 16 ? load_f(p) : load_f(p, cols);
-          } else {
-            r[i] = _mm512_setzero_ps();
+        if (plain && rows == 16 && cols == 16) {
+#pragma GCC unroll 16
+          for (int64_t i = 0; i < 16; ++i) r[i] = load_f(blk + i * stride + d0);
+        } else {
+          for (int64_t i = 0; i < 16; ++i) {
+            const scalar_t* p = tile_row(src, src2, stride, n1, i0 + i) + d0;
+            r[i] = i < rows ? __m512(cols == 16 ? load_f(p) : load_f(p, cols)) : _mm512_setzero_ps();
           }
         }
         transpose16x16(r);
@@ -247,13 +261,76 @@ inline void load_transposed(RowFn&& row, int64_t n, int64_t D, acc_t* dst, int64
   }
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* p = row(i);
+    const scalar_t* p = tile_row(src, src2, stride, n1, i);
     for (int64_t d = 0; d < D; ++d) dst[d * ldd + i] = static_cast<acc_t>(p[d]);
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// bfloat16 Q K^T with AVX512-BF16 dot products (vdpbf16ps: exact bf16 products summed in float32,
+// the same arithmetic class as converting to float and using FMAs), used when the CPU has them
+// and D % 32 == 0. K is moved, not converted: a tile is transposed in 32-bit units, kp[p * kBK + i]
+// holding the pair (k[i][2p], k[i][2p + 1]), half the shuffles of a float transpose.
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// kp[p * kBK + i] = pair p of row(i) = tile_row(src, src2, stride, n1, i) (D bf16 values), i < n <= kBK,
+// p < D / 2; columns [n, round_up(n, 16)) are zeroed.
+inline void load_pairs_transposed(const c10::BFloat16* src, const c10::BFloat16* src2, int64_t stride, int64_t n1,
+                                  int64_t n, int64_t D, uint32_t* kp) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - i0);
+    for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(tile_row(src, src2, stride, n1, i0 + i) + 2 * p0))
+                        : _mm512_setzero_ps();
+      transpose16x16(r);
+      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(kp + (p0 + c) * kBK + i0), r[c]);
+    }
+  }
+}
+
+// S[i][0:64] = sum over pairs p < np of q[i * ldq + p] . kp[p][0:64] for MR rows (q: bf16 pairs,
+// held as float bit patterns so that a pair broadcast is a plain vbroadcastss from memory).
+template <int MR>
+__attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const float* q, int64_t ldq, const uint32_t* kp,
+                                                             int64_t npairs, float* S) {
+  static_assert(kBK == 64, "four vectors of keys per tile");
+  __m512 c[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    __m512bh kb[4];
+    for (int j = 0; j < 4; ++j) kb[j] = (__m512bh)_mm512_loadu_si512(kp + p * kBK + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh qa = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(q[i * ldq + p]));
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], qa, kb[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(S + i * kBK + 16 * j, c[i][j]);
+}
+
+// S[r][0:64] for rows r < R (row stride kBK) from bf16 q rows (pairs, row stride D / 2).
+inline void qk_bf16(int64_t R, int64_t D, const float* q, const uint32_t* kp, float* S) {
+  const int64_t np = D / 2;
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) qk_bf16_tile<4>(q + r * np, np, kp, np, S + r * kBK);
+  switch (R - r) {
+    case 3: qk_bf16_tile<3>(q + r * np, np, kp, np, S + r * kBK); break;
+    case 2: qk_bf16_tile<2>(q + r * np, np, kp, np, S + r * kBK); break;
+    case 1: qk_bf16_tile<1>(q + r * np, np, kp, np, S + r * kBK); break;
+    default: break;
+  }
+}
+#endif
+
 // Run f(unit, scratch) for every unit in [0, n), handing units out dynamically so that a busy core
-// does not hold up the rest. `make_scratch()` builds one thread's scratch. `work` (multiply-adds,
+// does not hold up the rest. `make_scratch()` returns one thread's scratch (a value or a reference
+// to a per-thread one). `work` (multiply-adds,
 // roughly) below kMinParallelWork runs on the calling thread: waking the pool costs more.
 constexpr int64_t kMinParallelWork = 1 << 20;
 
@@ -261,14 +338,14 @@ template <typename MakeScratch, typename F>
 void parallel_units(int64_t n, int64_t work, MakeScratch&& make_scratch, F&& f) {
   if (n <= 0) return;
   if (work < kMinParallelWork || n == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    auto scratch = make_scratch();
+    auto&& scratch = make_scratch();
     for (int64_t u = 0; u < n; ++u) f(u, scratch);
     return;
   }
   std::atomic<int64_t> next{0};
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
+    auto&& scratch = make_scratch();
     for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) f(u, scratch);
   });
 }
@@ -304,71 +381,140 @@ struct FwdProblem {
     return v + b * vs[0] + slot(p) * vs[1] + h * vs[2];
   }
   // Visible key positions of a query at position pos: [key_lo, key_hi).
-  int64_t key_lo(int64_t b, int64_t pos) const { return std::max(kv_begin[b], attn_key_begin(pos, window)); }
+  int64_t key_lo(int64_t b, int64_t pos) const { return std::max(kv_begin[b], attn_first_visible(pos, window)); }
   int64_t key_hi(int64_t b, int64_t pos) const { return std::min(kv_end[b], pos + 1); }
 };
 
+// One thread's forward scratch, kept per thread and reused across calls (decode calls are short:
+// no allocation per call). Sized for `rows` query rows of a unit, head dim D (padded Dp).
 template <typename acc_t>
 struct FwdScratch {
   std::vector<acc_t> qb, s, kt, vb, o, m, l;
-  FwdScratch(int64_t rows, int64_t D, int64_t Dp)
-      : qb(rows * D), s(rows * kBK), kt(D * kBK, acc_t(0)), vb(kBK * Dp, acc_t(0)),
-        o(rows * Dp), m(rows), l(rows) {}
+  std::vector<float> qp;     // bf16 pairs of the unit's Q rows, as float bit patterns (qk_bf16)
+  std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
+  static FwdScratch& get(int64_t rows, int64_t D, int64_t Dp) {
+    thread_local FwdScratch sc;
+    const auto grow = [](std::vector<acc_t>& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n, acc_t(0));
+    };
+    grow(sc.qb, rows * D);
+    grow(sc.s, rows * kBK);
+    grow(sc.kt, D * kBK);
+    grow(sc.vb, kBK * Dp);
+    grow(sc.o, rows * Dp);
+    grow(sc.m, rows);
+    grow(sc.l, rows);
+    if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
+    if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
+    return sc;
+  }
 };
 
-// Runs the rows of query positions [t0, t1) of (b, kv head h) over the key tiles
-// [tile_lo, tile_hi); tile i covers positions [lo + i * kBK, lo + (i + 1) * kBK) counted from the
-// first position lo any of the rows sees (a window of W keys takes ceil(W / kBK) tiles, also when
-// it is not aligned). Updates the unnormalised state (m, l, o) in the scratch, which the caller
-// initialises.
+// Runs the query rows of positions [t0, t1) of sequence b and kv heads [h0, h1) over the key
+// tiles [tile_lo, tile_hi); tile i covers positions [lo + i * kBK, lo + (i + 1) * kBK) counted from
+// the first position lo any of the rows sees (a window of W keys takes ceil(W / kBK) tiles, also
+// when it is not aligned). Scratch row (hh, t, g) = (hh * (t1 - t0) + t - t0) * G + g holds query
+// head (h0 + hh) * G + g at position t. Per tile the heads run back to back, so with all kv heads
+// in one unit (decode) the tile's cache rows [kBK, Hkv, D] are streamed once, contiguously.
+// Updates the unnormalised state (m, l, o) in the scratch, which the caller initialises.
 template <typename scalar_t, typename acc_t, bool FAST>
-void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h, int64_t t0, int64_t t1,
+void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64_t h1, int64_t t0, int64_t t1,
               int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
   constexpr int64_t VS = AVec<acc_t>::size();
-  const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS), R = (t1 - t0) * G;
+  const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS), R = (t1 - t0) * G;  // R rows per head
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
-  for (int64_t t = t0; t < t1; ++t)
-    load_row(P.q + ((b * P.Tq + t) * P.Hq + h * G) * D, sc.qb.data() + (t - t0) * G * D, G * D);
+#if defined(CPU_CAPABILITY_AVX512)
+  // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
+  // the pair form halves them; prefill's many rows keep the float FMA GEMM.
+  const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
+#else
+  constexpr bool dp_bf16 = false;
+#endif
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* src = P.q + ((b * P.Tq + t) * P.Hq + h * G) * D;
+      const int64_t row = (h - h0) * R + (t - t0) * G;
+      if (dp_bf16)
+        std::memcpy(sc.qp.data() + row * D / 2, src, G * D * sizeof(scalar_t));
+      else
+        load_row(src, sc.qb.data() + row * D, G * D);
+    }
   for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
     const int64_t a = lo + tile * kBK, e = std::min(hi, a + kBK);
     if (a >= e) continue;
     const int64_t n = e - a, np = round_up(n, VS);
-    // Prefetch the next tile's K/V rows (decode streams them from memory once).
-    const int64_t a2 = e, e2 = std::min(hi, e + kBK);
-    for (int64_t i = a2; i < e2 && tile + 1 < tile_hi; ++i)
-      for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(P.krow(b, i, h)) + off);
-        __builtin_prefetch(reinterpret_cast<const char*>(P.vrow(b, i, h)) + off);
-      }
-    load_transposed<scalar_t>([&](int64_t i) { return P.krow(b, a + i, h); }, n, D, sc.kt.data(), kBK);
-    for (int64_t i = 0; i < n; ++i) load_row(P.vrow(b, a + i, h), sc.vb.data() + i * Dp, D);
-    acc_t* S = sc.s.data();
-    gemm<acc_t, false, false>(R, np, D, sc.qb.data(), D, sc.kt.data(), kBK, S, kBK);
     // A tile is "interior" when every row sees all of it; else mask per row.
     const bool interior = a >= P.key_lo(b, P.pos0[b] + t1 - 1) && e <= P.key_hi(b, P.pos0[b] + t0);
-    for (int64_t r = 0; r < R; ++r) {
-      acc_t* sr = S + r * kBK;
-      int64_t ra = 0, re = n;
-      if (!interior) {
-        const int64_t pos = P.pos0[b] + t0 + r / G;
-        ra = std::clamp<int64_t>(P.key_lo(b, pos) - a, 0, n);
-        re = std::clamp<int64_t>(P.key_hi(b, pos) - a, 0, n);
-        if (ra >= re) {  // nothing visible in this tile: P row 0, state unchanged
-          std::fill(sr, sr + np, acc_t(0));
-          continue;
+    // The tile's cache rows: slots [sa, sa + n1) then, past a ring's wrap, [0, n - n1); the next
+    // tile's rows (prefetched) likewise from slot sn.
+    const int64_t sa = P.slot(a), n1 = std::min(n, P.kv_rows - sa);
+    const int64_t n_next = tile + 1 < tile_hi ? std::max<int64_t>(0, std::min(hi, e + kBK) - e) : 0;
+    const int64_t sn = n_next > 0 ? P.slot(e) : 0;
+    const int64_t kst = P.ks[1], vst = P.vs[1];
+    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hh = h - h0;
+      const scalar_t* kh = P.k + b * P.ks[0] + h * P.ks[2];
+      const scalar_t* vh = P.v + b * P.vs[0] + h * P.vs[2];
+      // Prefetch this head's rows of the next tile: one tile of all the unit's heads ahead.
+      for (int64_t i = 0; i < n_next; ++i) {
+        const int64_t slot = sn + i < P.kv_rows ? sn + i : sn + i - P.kv_rows;
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(kh + slot * kst) + off);
+          __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
         }
-        std::fill(sr, sr + ra, -attn_inf<acc_t>());
       }
-      std::fill(sr + re, sr + np, -attn_inf<acc_t>());
-      acc_t alpha, shift;
-      softmax_update(sc.m[r], row_max(sr, np) * P.scale, alpha, shift);
-      const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, shift);
-      sc.l[r] = sc.l[r] * alpha + sum;
-      if (alpha != acc_t(1)) scale_row(sc.o.data() + r * Dp, alpha, Dp);
+      if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (dp_bf16) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
+      }
+#endif
+      const acc_t* vt = sc.vb.data();
+      int64_t ldv = Dp;
+      if (std::is_same_v<scalar_t, acc_t> && D == Dp && n1 == n) {  // float rows used in place
+        vt = reinterpret_cast<const acc_t*>(vh + sa * vst);
+        ldv = vst;
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          load_row(vh + (i < n1 ? sa + i : i - n1) * vst, sc.vb.data() + i * Dp, D);
+      }
+      acc_t* S = sc.s.data();
+      acc_t* m = sc.m.data() + hh * R;
+      acc_t* l = sc.l.data() + hh * R;
+      acc_t* o = sc.o.data() + hh * R * Dp;
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (dp_bf16) qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
+      }
+#endif
+      if (!dp_bf16) gemm<acc_t, false, false>(R, np, D, sc.qb.data() + hh * R * D, D, sc.kt.data(), kBK, S, kBK);
+      for (int64_t r = 0; r < R; ++r) {
+        acc_t* sr = S + r * kBK;
+        int64_t ra = 0, re = n;
+        if (!interior) {
+          const int64_t pos = P.pos0[b] + t0 + r / G;
+          ra = std::clamp<int64_t>(P.key_lo(b, pos) - a, 0, n);
+          re = std::clamp<int64_t>(P.key_hi(b, pos) - a, 0, n);
+          if (ra >= re) {  // nothing visible in this tile: P row 0, state unchanged
+            std::fill(sr, sr + np, acc_t(0));
+            continue;
+          }
+          std::fill(sr, sr + ra, attn_neg_inf<acc_t>());
+        }
+        std::fill(sr + re, sr + np, attn_neg_inf<acc_t>());
+        const acc_t alpha = softmax_update_max<false>(m[r], row_max(sr, np) * P.scale);
+        const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, softmax_offset(m[r]));
+        l[r] = l[r] * alpha + sum;
+        if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
+      }
+      gemm<acc_t, false, true>(R, Dp, n, S, kBK, vt, ldv, o, Dp);
     }
-    gemm<acc_t, false, true>(R, Dp, n, S, kBK, sc.vb.data(), Dp, sc.o.data(), Dp);
   }
 }
+
+// Most query rows (kv heads x positions x group) one forward unit holds.
+constexpr int64_t kMaxUnitRows = 256;
 
 template <typename scalar_t, typename acc_t, bool FAST>
 void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
@@ -376,7 +522,16 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
   const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS);
   const int64_t BQ = std::clamp<int64_t>(kRowsTarget / G, 1, std::max<int64_t>(P.Tq, 1));
   const int64_t nqb = (P.Tq + BQ - 1) / BQ, R = BQ * G;
-  const int64_t base_units = P.B * P.Hkv * nqb;
+  // kv heads per unit: a single query block (decode, short prefill) takes as many of the
+  // sequence's kv heads as fit kMaxUnitRows, so a unit reads whole contiguous cache rows rather
+  // than one head's slice of each; longer prefills run one head per unit (more units).
+  int64_t HB = 1;
+  if (nqb == 1) {
+    HB = std::max<int64_t>(1, std::min(P.Hkv, kMaxUnitRows / std::max<int64_t>(R, 1)));
+    while (P.Hkv % HB != 0) --HB;
+  }
+  const int64_t nhb = P.Hkv / HB, UR = HB * R;  // UR: scratch rows of a unit
+  const int64_t base_units = P.B * nhb * nqb;
   if (base_units == 0) return;
   // Split-K chunks when there are too few units to fill the threads (single query block only).
   int64_t max_keys = 0;  // most keys a unit's rows see
@@ -388,47 +543,59 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
   if (nqb == 1 && base_units < 2 * at::get_num_threads())
     C = std::clamp<int64_t>((4 * at::get_num_threads() + base_units - 1) / base_units, 1,
                             std::max<int64_t>(1, max_keys / kMinSplitKeys));
-  std::vector<acc_t> part;  // per (base unit, chunk): R x (m, l, o[Dp])
-  const int64_t part_stride = R * (Dp + 2);
+  std::vector<acc_t> part;  // per (base unit, chunk): UR x (m, l, o[Dp])
+  const int64_t part_stride = UR * (Dp + 2);
   if (C > 1) part.resize(base_units * C * part_stride);
 
-  const auto row_init = [&](FwdScratch<acc_t>& sc, int64_t h, int64_t nrows, bool with_sink) {
+  // Unit bu: query block qb (last first: under a causal mask it sees the most keys), sequence b,
+  // kv heads [h0, h0 + HB).
+  struct Unit {
+    int64_t b, h0, t0, t1;
+  };
+  const auto unit = [&](int64_t bu) {
+    const int64_t qb = nqb - 1 - bu / (P.B * nhb), bh = bu % (P.B * nhb);
+    const int64_t t0 = qb * BQ;
+    return Unit{bh / nhb, (bh % nhb) * HB, t0, std::min(P.Tq, t0 + BQ)};
+  };
+  const auto row_init = [&](FwdScratch<acc_t>& sc, const Unit& U, bool with_sink) {
+    const int64_t nrows = HB * (U.t1 - U.t0) * G;
     for (int64_t r = 0; r < nrows; ++r) {
       const bool has = with_sink && P.sinks != nullptr;
-      softmax_init(has, has ? P.sinks[h * G + r % G] : acc_t(0), sc.m[r], sc.l[r]);
+      const int64_t hq = (U.h0 + r / ((U.t1 - U.t0) * G)) * G + r % G;
+      softmax_init(has, has ? P.sinks[hq] : acc_t(0), sc.m[r], sc.l[r]);
     }
     std::fill(sc.o.begin(), sc.o.begin() + nrows * Dp, acc_t(0));
   };
-  const auto write_out = [&](FwdScratch<acc_t>& sc, int64_t b, int64_t h, int64_t t0, int64_t t1) {
-    for (int64_t r = 0; r < (t1 - t0) * G; ++r) {
-      const int64_t t = t0 + r / G, hq = h * G + r % G;
+  const auto write_out = [&](FwdScratch<acc_t>& sc, const Unit& U) {
+    const int64_t nt = U.t1 - U.t0;
+    for (int64_t r = 0; r < HB * nt * G; ++r) {
+      const int64_t t = U.t0 + r / G % nt, hq = (U.h0 + r / (nt * G)) * G + r % G;
       acc_t inv_l, lse;
-      softmax_finalize(sc.m[r], sc.l[r], inv_l, lse);
-      store_row(sc.o.data() + r * Dp, inv_l, P.out + ((b * P.Tq + t) * P.Hq + hq) * D, D);
-      P.lse[(b * P.Hq + hq) * P.Tq + t] = lse;
+      const bool has_sink = P.sinks != nullptr;
+      softmax_finalize<false>(sc.m[r], sc.l[r], has_sink, has_sink ? P.sinks[hq] : acc_t(0), inv_l, lse);
+      store_row(sc.o.data() + r * Dp, inv_l, P.out + ((U.b * P.Tq + t) * P.Hq + hq) * D, D);
+      P.lse[(U.b * P.Hq + hq) * P.Tq + t] = lse;
     }
   };
-  const auto make_scratch = [&] { return FwdScratch<acc_t>(R, D, Dp); };
+  const auto make_scratch = [&]() -> FwdScratch<acc_t>& { return FwdScratch<acc_t>::get(UR, D, Dp); };
 
   int64_t span = 0;  // keys per query row, for the work estimate
   for (int64_t b = 0; b < P.B; ++b)
     span += P.window > 0 ? std::min(P.window, P.kv_end[b] - P.kv_begin[b]) : P.kv_end[b] - P.kv_begin[b];
   const int64_t work = 2 * span * P.Tq * P.Hq * D;
-  // Units costliest first: the last query blocks see the most keys under a causal mask.
   parallel_units(base_units * C, work, make_scratch, [&](int64_t u, FwdScratch<acc_t>& sc) {
     const int64_t c = u % C, bu = u / C;
-    const int64_t qb = nqb - 1 - bu / (P.B * P.Hkv), bh = bu % (P.B * P.Hkv);
-    const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
-    const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
-    const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
+    const Unit U = unit(bu);
+    const int64_t lo = P.key_lo(U.b, P.pos0[U.b] + U.t0), hi = P.key_hi(U.b, P.pos0[U.b] + U.t1 - 1);
     const int64_t ntiles = lo < hi ? (hi - lo + kBK - 1) / kBK : 0;
-    row_init(sc, h, nrows, C == 1);
-    fwd_rows<scalar_t, acc_t, FAST>(P, b, h, t0, t1, ntiles * c / C, ntiles * (c + 1) / C, sc);
+    row_init(sc, U, C == 1);
+    fwd_rows<scalar_t, acc_t, FAST>(P, U.b, U.h0, U.h0 + HB, U.t0, U.t1, ntiles * c / C, ntiles * (c + 1) / C,
+                                    sc);
     if (C == 1) {
-      write_out(sc, b, h, t0, t1);
+      write_out(sc, U);
     } else {
       acc_t* dst = part.data() + (bu * C + c) * part_stride;
-      for (int64_t r = 0; r < nrows; ++r) {
+      for (int64_t r = 0; r < HB * (U.t1 - U.t0) * G; ++r) {
         dst[r * (Dp + 2)] = sc.m[r];
         dst[r * (Dp + 2) + 1] = sc.l[r];
         std::copy(sc.o.begin() + r * Dp, sc.o.begin() + (r + 1) * Dp, dst + r * (Dp + 2) + 2);
@@ -436,18 +603,18 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
     }
   });
   if (C == 1) return;
-  // Merge the chunks of each base unit in chunk order, starting from the sink.
-  parallel_units(base_units, base_units * C * R * Dp, make_scratch, [&](int64_t bu, FwdScratch<acc_t>& sc) {
-    const int64_t qb = nqb - 1 - bu / (P.B * P.Hkv), bh = bu % (P.B * P.Hkv);
-    const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
-    const int64_t t0 = qb * BQ, t1 = std::min(P.Tq, t0 + BQ), nrows = (t1 - t0) * G;
-    row_init(sc, h, nrows, true);
+  // Merge the chunks (partials without the sink) of each base unit in chunk order; the sink joins
+  // at write_out (softmax_finalize).
+  parallel_units(base_units, base_units * C * UR * Dp, make_scratch, [&](int64_t bu, FwdScratch<acc_t>& sc) {
+    const Unit U = unit(bu);
+    const int64_t nrows = HB * (U.t1 - U.t0) * G;
+    row_init(sc, U, true);
     for (int64_t c = 0; c < C; ++c) {
       const acc_t* src = part.data() + (bu * C + c) * part_stride;
       for (int64_t r = 0; r < nrows; ++r) {
         const acc_t* pr = src + r * (Dp + 2);
         acc_t a1, a2;
-        softmax_merge(sc.m[r], sc.l[r], pr[0], pr[1], a1, a2);
+        softmax_combine<false>(sc.m[r], sc.l[r], pr[0], pr[1], a1, a2);
         using V = AVec<acc_t>;
         const V va1(a1), va2(a2);
         acc_t* o = sc.o.data() + r * Dp;
@@ -455,7 +622,7 @@ void attention_fwd_impl(const FwdProblem<scalar_t, acc_t>& P) {
           at::vec::fmadd(V::loadu(o + i), va1, V::loadu(pr + 2 + i) * va2).store(o + i);
       }
     }
-    write_out(sc, b, h, t0, t1);
+    write_out(sc, U);
   });
 }
 
@@ -629,8 +796,8 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         continue;
       }
       for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
-      load_transposed<scalar_t>([&](int64_t i) { return P.k + kbase + i * Hkv * D; }, n, D, sc.kt.data(), kBK);
-      load_transposed<scalar_t>([&](int64_t i) { return P.v + kbase + i * Hkv * D; }, n, D, sc.vt.data(), kBK);
+      load_transposed(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kt.data(), kBK);
+      load_transposed(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.vt.data(), kBK);
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
@@ -645,7 +812,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         acc_t* dS = sc.ds.data();
         gemm<acc_t, false, false>(rows, np, D, sc.qb.data(), Dp, sc.kt.data(), kBK, Pm, kBK);
         gemm<acc_t, false, false>(rows, np, D, sc.dob.data(), Dp, sc.vt.data(), kBK, dS, kBK);
-        const bool interior = a >= attn_key_begin(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
+        const bool interior = a >= attn_first_visible(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
         using V = AVec<acc_t>;
         const V vscale(P.scale);
         for (int64_t r = 0; r < rows; ++r) {
@@ -654,7 +821,7 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
           acc_t* dr = dS + r * kBK;
           int64_t ra = 0, re = n;
           if (!interior) {
-            ra = std::clamp<int64_t>(attn_key_begin(pos, P.window) - a, 0, n);
+            ra = std::clamp<int64_t>(attn_first_visible(pos, P.window) - a, 0, n);
             re = std::clamp<int64_t>(pos + 1 - a, 0, n);
             re = std::max(re, ra);
           }

@@ -32,13 +32,12 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/attention_math.h"
+#include "common/attention.h"
 #include "cuda/mma_sm80.cuh"
 #include "ops.h"
 
 namespace gptoss {
 namespace cuda_attn_bwd {
-using namespace gptoss::flash;  // common/attention_math.h
 using namespace gptoss::sm80;   // cuda/mma_sm80.cuh
 namespace {
 

@@ -22,7 +22,7 @@
 //
 // Split-K (decode): the key tiles of a row tile are divided among num_splits CTAs; each writes an
 // un-normalised partial (acc, m, l) WITHOUT the sink to a float32 workspace and
-// attn_combine_kernel merges the partials and the sink (common/attention_math.h, softmax_combine).
+// attn_combine_kernel merges the partials and the sink (common/attention.h, softmax_combine).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -41,13 +41,12 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/attention_math.h"
+#include "common/attention.h"
 #include "cuda/mma_sm80.cuh"
 #include "ops.h"
 
 namespace gptoss {
 namespace cuda_attn {
-using namespace gptoss::flash;  // common/attention_math.h
 using namespace gptoss::sm80;   // cuda/mma_sm80.cuh
 namespace {
 
