@@ -420,6 +420,10 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) { m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4); }
+TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
+  m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4);
+  // the op sequence (route, dispatch, two grouped GEMMs, combine), each step a CUDA kernel above
+  m.impl("moe_experts_mxfp4", &gptoss::moe_experts_mxfp4_ops);
+}
 
 }  // namespace gptoss::cuda
