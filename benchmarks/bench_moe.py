@@ -1,5 +1,6 @@
-"""MoE block: our ops vs named baselines, measured side by side in one run, on the CPU
-(default) or on a GPU (`--device cuda`; the same code, shapes from `--tokens`).
+"""MoE block: our ops vs named baselines, measured side by side in one run, on the CPU or on a
+GPU (`--device`, default cuda when this build has CUDA kernels and a GPU is visible; one code
+path for both).
 
 1. Prefill (T tokens, bf16 dense expert weights, gpt-oss-20b shapes; T=512 on the CPU, 4096 on a
    GPU): ops.moe_mlp vs
@@ -27,6 +28,7 @@ import argparse
 
 import torch
 
+import gptoss_ext
 from gptoss import ModelConfig
 from gptoss_ext import ops, reference
 from common import commit, copy_bandwidth, machine, print_table, sync, time_fn
@@ -223,7 +225,7 @@ def decode(cfg, k, reps, device, n_inputs=4):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="gpt-oss-20b")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() and gptoss_ext.has_cuda_kernels() else "cpu")
     parser.add_argument("--tokens", type=int, help="prefill tokens (default 512 on the CPU, 4096 on a GPU)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=["prefill", "decode"], help="run one of the two tables")

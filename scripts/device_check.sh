@@ -52,12 +52,14 @@ for s in scripts/cuda_smoke*.py; do  # every CUDA op once on small awkward shape
   step "memcheck_$n" 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$s"
   step "racecheck_$n" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$s"
 done
-# GPU benchmarks: the op benchmarks that take --device, and the MoE smoke script's GPU timing
-# (grouped GEMM vs cuBLAS on the same FLOPs, MXFP4 decode GB/s). A GPU attention benchmark
+# GPU benchmarks: the op benchmarks that take --device (bench_moe: the MoE block's prefill at
+# T=4096 vs cuBLAS dense bf16 on the same FLOPs and MXFP4 decode GB/s vs the device copy bandwidth,
+# with transformers' GptOssMLP), and the MoE smoke script's per-kernel GPU timing. A GPU attention benchmark
 # (prefill TFLOP/s at T=8192, decode GB/s) is still to be written.
 for b in benchmarks/bench_rms_norm.py benchmarks/bench_rope.py; do
   step "$(basename "$b" .py)" 120 $PY "$b" --device cuda
 done
-step bench_moe_cuda 180 $PY scripts/cuda_smoke_moe.py --bench
+step bench_moe 150 $PY benchmarks/bench_moe.py --device cuda
+step bench_moe_kernels_cuda 120 $PY scripts/cuda_smoke_moe.py --bench
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 cat "$SUMMARY"
