@@ -91,8 +91,8 @@ def hf_impls(cfg, p, k, x_of):
         print("(transformers not installed: GptOssMLP baseline skipped)")
         return {}
     mlp, hcfg = hf
-    return {f"transformers GptOssMLP bf16 ({impl})": (lambda impl=impl: (set_hf_impl(mlp, hcfg, impl), mlp(x_of()[None])))
-            for impl in ("grouped_mm", "eager")}
+    return {f"transformers GptOssMLP bf16 ({impl})":
+            (lambda impl=impl: (set_hf_impl(mlp, hcfg, impl), mlp(x_of()[None]))) for impl in ("grouped_mm", "eager")}
 
 
 def expert_counts(x, p, k):
@@ -119,7 +119,8 @@ def prefill(cfg, tokens, k, reps, device):
     flops = 2 * tokens * k * (d * 2 * inter + inter * d)
     xs = [torch.randn(c, d, device=device).to(dtype) for c in counts]
     as_ = [torch.randn(c, inter, device=device).to(dtype) for c in counts]
-    xd, ad = torch.randn(tokens * k, d, device=device).to(dtype), torch.randn(tokens * k, inter, device=device).to(dtype)
+    xd = torch.randn(tokens * k, d, device=device).to(dtype)
+    ad = torch.randn(tokens * k, inter, device=device).to(dtype)
     w1d, w2d = p["mlp1_weight"][0].t().contiguous(), p["mlp2_weight"][0].t().contiguous()
 
     def torch_mm():  # the same GEMMs, per expert, on ATen's bf16 matmul
@@ -205,7 +206,8 @@ def decode(cfg, k, reps, device, n_inputs=4):
                 if nthr == default_threads and tokens == 8:
                     cur = Cycle(lambda x: x, xs)
                     impls.update(hf_impls(cfg, p, k, cur))
-                med = interleaved(impls, reps, device, min_time=0.05, warmup=2, max_iters=20 if device == "cpu" else 200)
+                med = interleaved(impls, reps, device, min_time=0.05, warmup=2,
+                                  max_iters=20 if device == "cpu" else 200)
                 bw = 2 * nbytes / med.pop("copy (read + write bytes)")
                 ours = med["ours MXFP4"]
                 for name, t in med.items():
@@ -225,7 +227,8 @@ def decode(cfg, k, reps, device, n_inputs=4):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="gpt-oss-20b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() and gptoss_ext.has_cuda_kernels() else "cpu")
+    parser.add_argument("--device",
+                        default="cuda" if torch.cuda.is_available() and gptoss_ext.has_cuda_kernels() else "cpu")
     parser.add_argument("--tokens", type=int, help="prefill tokens (default 512 on the CPU, 4096 on a GPU)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=["prefill", "decode"], help="run one of the two tables")

@@ -379,7 +379,8 @@ void check_moe_experts_mxfp4(const at::Tensor& x, const at::Tensor& router_logit
   check_dtype_in(x, op, "x", {at::kFloat, at::kBFloat16, at::kHalf});
   check_dim(x, 2, op, "x", "[T, d]");
   const int64_t t = x.size(0), d = x.size(1);
-  TORCH_CHECK(d % 32 == 0 && d > 0, op, ": x's hidden dim d = ", d, " must be a positive multiple of 32 (the MXFP4 block size)");
+  TORCH_CHECK(d % 32 == 0 && d > 0, op, ": x's hidden dim d = ", d,
+              " must be a positive multiple of 32 (the MXFP4 block size)");
   check_defined(router_logits, op, "router_logits");
   check_same_dtype(x, router_logits, op, "x", "router_logits");
   check_same_device(x, router_logits, op, "x", "router_logits");
@@ -393,8 +394,9 @@ void check_moe_experts_mxfp4(const at::Tensor& x, const at::Tensor& router_logit
     const at::Tensor& bias;
     const char *bn, *sn, *biasn, *layout;
   };
-  const W ws[2] = {{mlp1_blocks, mlp1_scales, mlp1_bias, "mlp1_blocks", "mlp1_scales", "mlp1_bias", "[E, 2I, d/32, 16]"},
-                   {mlp2_blocks, mlp2_scales, mlp2_bias, "mlp2_blocks", "mlp2_scales", "mlp2_bias", "[E, d, I/32, 16]"}};
+  const W ws[2] = {
+      {mlp1_blocks, mlp1_scales, mlp1_bias, "mlp1_blocks", "mlp1_scales", "mlp1_bias", "[E, 2I, d/32, 16]"},
+      {mlp2_blocks, mlp2_scales, mlp2_bias, "mlp2_blocks", "mlp2_scales", "mlp2_bias", "[E, d, I/32, 16]"}};
   for (const W& w : ws) {
     check_uint8(w.blocks, op, w.bn);
     check_uint8(w.scales, op, w.sn);

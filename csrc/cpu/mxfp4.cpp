@@ -195,7 +195,8 @@ void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
     const bool prefetch = o + kPrefetchRows < o1;  // (rows past the tile are another task's)
     for (int64_t b = 0; b < g; ++b) {
-      if (prefetch && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(bo + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
+      if (prefetch && (b & 3) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(bo + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bo + b * 16)));
       const __m512 sc = _mm512_set1_ps(tb.half_scale[so[b]]);
       const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
@@ -631,9 +632,9 @@ at::Tensor moe_experts_mxfp4(const at::Tensor& x_in, const at::Tensor& logits_in
   if (x.size(0) == 0) return out;
   GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "moe_experts_mxfp4", [&] {
     experts_decode<scalar_t>(x, logits, k, b1.const_data_ptr<uint8_t>(), s1.const_data_ptr<uint8_t>(),
-                             bias1.const_data_ptr<scalar_t>(), b2.const_data_ptr<uint8_t>(), s2.const_data_ptr<uint8_t>(),
-                             bias2.const_data_ptr<scalar_t>(), b1.size(1), static_cast<float>(alpha), clamp_limit(limit),
-                             out);
+                             bias1.const_data_ptr<scalar_t>(), b2.const_data_ptr<uint8_t>(),
+                             s2.const_data_ptr<uint8_t>(), bias2.const_data_ptr<scalar_t>(), b1.size(1),
+                             static_cast<float>(alpha), clamp_limit(limit), out);
   });
   return out;
 }
