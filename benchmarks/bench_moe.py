@@ -17,9 +17,10 @@ path for both).
    blocks + scales of the experts the tokens select, plus their biases) vs the copy bandwidth
    measured interleaved with it in the same loop (same thread count), and the time vs the same
    block with bf16 dense weights and vs transformers' GptOssMLP with bf16 weights. Each timed call
-   takes the next of several inputs, which select different experts, so that the weights are not
-   re-read from cache (the selected experts' bytes of one input are still counted). On the CPU
-   it runs at 1 thread and at the default thread count.
+   takes the next of 16 inputs, which together select nearly all experts (about 380 MB of MXFP4
+   at T=1, more than a 300 MB L3), so that the weights are not re-read from cache (the selected
+   experts' bytes of one input are counted). On the CPU it runs at 1 thread and at the default
+   thread count.
 
 Routing uses a random router, so expert loads are uneven, as in a real prefill. Every figure is
 the median of several runs, interleaved so that load changes hit every row alike.
@@ -177,7 +178,7 @@ class Cycle:
         return self.fn(self.inputs[self.i])
 
 
-def decode(cfg, k, reps, device, n_inputs=4):
+def decode(cfg, k, reps, device, n_inputs=16):
     e, d = cfg.num_experts, cfg.hidden_size
     p = make_block(cfg, e, torch.bfloat16, device=device)
     q1 = ops.mxfp4_quantize(p["mlp1_weight"])
