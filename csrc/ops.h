@@ -69,6 +69,24 @@ int64_t check_moe_grouped_gemm_mxfp4(const at::Tensor& x, const c10::optional<at
 // row_index values in [0, R).
 void check_grouping_values(const at::Tensor& offsets, const c10::optional<at::Tensor>& row_index,
                            int64_t n_rows, int64_t x_rows, const char* op);
+// moe_experts_mxfp4(x [T, d] float32/bf16/fp16, router_logits [T, E] in x's dtype, 1 <= k <= E,
+// mlp1 blocks [E, 2I, d/32, 16] / scales [E, 2I, d/32] uint8, mlp1_bias [E, 2I], mlp2 blocks
+// [E, d, I/32, 16] / scales [E, d, I/32], mlp2_bias [E, d] (biases in x's dtype), d % 32 == 0,
+// I % 32 == 0, alpha, limit).
+void check_moe_experts_mxfp4(const at::Tensor& x, const at::Tensor& router_logits, int64_t k,
+                             const at::Tensor& mlp1_blocks, const at::Tensor& mlp1_scales,
+                             const at::Tensor& mlp1_bias, const at::Tensor& mlp2_blocks,
+                             const at::Tensor& mlp2_scales, const at::Tensor& mlp2_bias, double alpha,
+                             double limit);
+// moe_experts_mxfp4 as the op sequence moe_route -> moe_dispatch -> moe_grouped_gemm_mxfp4
+// (fused SwiGLU) -> moe_grouped_gemm_mxfp4 -> moe_combine, called through the dispatcher (so it
+// runs on any backend that has those ops): the CUDA kernel, and the CPU kernel above its
+// few-token size. Defined in common/moe_compose.cpp.
+at::Tensor moe_experts_mxfp4_ops(const at::Tensor& x, const at::Tensor& router_logits, int64_t k,
+                                 const at::Tensor& mlp1_blocks, const at::Tensor& mlp1_scales,
+                                 const at::Tensor& mlp1_bias, const at::Tensor& mlp2_blocks,
+                                 const at::Tensor& mlp2_scales, const at::Tensor& mlp2_bias, double alpha,
+                                 double limit);
 // moe_combine(y [N, d] float, order [N] int32, weights [T, k] float with T*k == N)
 void check_moe_combine(const at::Tensor& y, const at::Tensor& order, const at::Tensor& weights);
 // moe_combine_backward(grad_out [T, d] in y's dtype, y, order, weights)

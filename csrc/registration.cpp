@@ -93,6 +93,17 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // wider dtype. x float32/bfloat16/float16; bias [E, M] in x's dtype or None. Inference only.
   m.def("moe_grouped_gemm_mxfp4(Tensor x, Tensor? row_index, Tensor offsets, Tensor blocks,"
         " Tensor scales, Tensor? bias, bool fused_swiglu, float alpha, float limit) -> Tensor");
+  // The expert half of the MoE block with MXFP4 weights, from router logits to the combined output
+  // (spec §2.4 steps 3-5): exactly moe_route(router_logits, k) -> moe_dispatch ->
+  // moe_grouped_gemm_mxfp4(x, row_token, mlp1, fused SwiGLU) -> moe_grouped_gemm_mxfp4(mlp2) ->
+  // moe_combine, each step rounding as that op does. x [T, d] float32/bfloat16/float16;
+  // router_logits [T, E] in x's dtype; mlp1_blocks [E, 2I, d/32, 16] / mlp1_scales [E, 2I, d/32]
+  // uint8 with mlp1_bias [E, 2I]; mlp2_blocks [E, d, I/32, 16] / mlp2_scales [E, d, I/32] with
+  // mlp2_bias [E, d]; biases in x's dtype; d and I multiples of 32. Returns [T, d] in x's dtype.
+  // One call so that a backend can run a few-token (decode) step as one fused pass. Inference only.
+  m.def("moe_experts_mxfp4(Tensor x, Tensor router_logits, int k, Tensor mlp1_blocks, Tensor mlp1_scales,"
+        " Tensor mlp1_bias, Tensor mlp2_blocks, Tensor mlp2_scales, Tensor mlp2_bias, float alpha, float limit)"
+        " -> Tensor");
   // Weighted sum of each token's expert outputs (spec §2.4 step 5). y [N, d] float, grouped rows;
   // order [N] int32 from moe_dispatch (a permutation of 0..N-1; grouped row r holds slot order[r]);
   // weights [T, k] float (any float dtype), N = T*k. out[t] = sum_j weights[t, j] * y[row of slot

@@ -422,6 +422,25 @@ def _moe_combine_backward(ctx, grad_out):
 torch.library.register_autograd("gptoss_ext::moe_combine", _moe_combine_backward, setup_context=_moe_combine_setup)
 
 
+@torch.library.register_fake("gptoss_ext::moe_experts_mxfp4")
+def _moe_experts_mxfp4_fake(x, router_logits, k, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
+                            mlp2_bias, alpha, limit):
+    return x.new_empty(x.shape)
+
+
+def _moe_experts_mxfp4_setup(ctx, inputs, output):
+    pass
+
+
+def _moe_experts_mxfp4_backward(ctx, grad_out):
+    raise RuntimeError("moe_mlp: MXFP4 expert weights are inference-only; there is no backward through "
+                       "moe_experts_mxfp4 (use dense bf16/fp32 expert weights to train)")
+
+
+torch.library.register_autograd("gptoss_ext::moe_experts_mxfp4", _moe_experts_mxfp4_backward,
+                                setup_context=_moe_experts_mxfp4_setup)
+
+
 def mxfp4_dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Decode MXFP4: blocks [..., G, 16] uint8 (low nibble = even element), scales [..., G] uint8
     (E8M0, bias 127) -> [..., 32*G] in dtype; each value FP4_VALUES[nibble] * 2^(scale - 127)
@@ -497,6 +516,10 @@ def moe_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Tensor, mlp1_weight: Expe
         return w if isinstance(w, (tuple, list)) else w.to(dtype)
 
     logits = torch.nn.functional.linear(x, gate_weight.to(dtype), gate_bias.to(dtype))
+    if isinstance(mlp1_weight, (tuple, list)) and isinstance(mlp2_weight, (tuple, list)):
+        # the same op sequence as below in one call (fused for few tokens on the CPU)
+        return _ops.moe_experts_mxfp4(x, logits, int(k), mlp1_weight[0], mlp1_weight[1], mlp1_bias.to(dtype),
+                                      mlp2_weight[0], mlp2_weight[1], mlp2_bias.to(dtype), float(alpha), _limit(limit))
     weights, experts = moe_route(logits, k)
     order, row_token, offsets = moe_dispatch(experts, n_experts)
     w1, b1, w2, b2 = dense(mlp1_weight), mlp1_bias.to(dtype), dense(mlp2_weight), mlp2_bias.to(dtype)

@@ -203,6 +203,11 @@ def bench():
     torch.manual_seed(0)
     E, k, d, I = 32, 4, 2880, 2880
     print(f"device: {torch.cuda.get_device_name()}")
+    src = torch.empty(1 << 28, device="cuda").uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.nbytes / _time_ms(lambda: dst.copy_(src)) / 1e6  # read + write, measured now
+    del src, dst
+    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     for T in (4096,):
         experts = routing(T, E, k).cuda()
         _, ri, offsets = C.moe_dispatch(experts, E)
@@ -233,7 +238,7 @@ def bench():
             wbytes = active * M * (K // 2 + K // 32)
             tflops = 2.0 * T * k * M * K / ms / 1e9
             print(f"MXFP4 {name} T={T} ({active} experts): {ms:.3f} ms, {wbytes / ms / 1e6:.0f} GB/s of weights "
-                  f"({wbytes / ms / 1e6 / 3350 * 100:.0f}% of 3.35 TB/s), {tflops:.1f} TFLOP/s")
+                  f"({wbytes / ms / 1e6 / copy_gbs * 100:.0f}% of the copy bandwidth), {tflops:.1f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (H100/H200; Python 3.12, torch 2.11+cu130, nvcc 13, no
-# network): build with CUDA for sm_90, run the test suite (CUDA-vs-CPU parity included),
-# compute-sanitizer over a small CUDA smoke run, the SASS check, and the GPU benchmarks. Writes a
-# summary and logs into $OUT (default ./device-out). Budget: about 8 minutes.
+# The GPU check (H100/H200; Python 3.12, torch 2.11+cu130, nvcc 13, no network), in phases:
+#   build     build with CUDA for sm_90, import, SASS check                      (~3-5 min on 16 cores)
+#   tests     the test suite, CUDA-vs-CPU parity included (-x)                   (~3 min)
+#   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~3 min)
+#   bench     GPU benchmarks: rms_norm, rope, attention, MoE                     (~5 min)
+#   model     CUDA model tests (CUDA graph, compiled decode) and the 20b decode benchmark (~4 min)
+# `scripts/device_check.sh` runs them all (more than one 10-minute device call: split it);
+# `scripts/device_check.sh build tests` runs those phases. The build stays on a warm machine
+# between calls, so a session runs e.g. `build tests` in one call and `sanitize bench model` in
+# the next. Writes a summary and logs into $OUT (default ./device-out).
 #
 # Pure-Python test dependencies missing there (hypothesis and its deps) are installed from
 # ./wheelhouse when present: before the run, on the build machine,
@@ -43,27 +49,41 @@ if ! $PY -c "import hypothesis" 2>/dev/null && ls wheelhouse/*.whl >/dev/null 2>
   $PY -m pip install --no-index --no-deps wheelhouse/*.whl > "$OUT/wheelhouse.log" 2>&1
 fi
 
-step build 420 env GPTOSS_EXT_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$SUMMARY"; exit 1; }
-step import 60 $PY -c "import gptoss_ext, torch; assert gptoss_ext.has_cuda_kernels(); print(gptoss_ext.build_info)"
-step sass 120 $PY scripts/check_sass.py
-step tests 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider
-for s in scripts/cuda_smoke*.py; do  # every CUDA op once on small awkward shapes, vs the CPU kernel
-  n=$(basename "$s" .py)
-  step "memcheck_$n" 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$s"
-  step "racecheck_$n" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$s"
-done
-# GPU benchmarks: the op benchmarks that take --device, the attention benchmark (prefill TFLOP/s
-# vs SDPA flash up to T=8192, backward, decode KV GB/s vs the device copy bandwidth; about 90 s),
-# and the MoE smoke script's GPU timing (grouped GEMM vs cuBLAS on the same FLOPs, MXFP4 decode GB/s).
-for b in benchmarks/bench_rms_norm.py benchmarks/bench_rope.py; do
-  step "$(basename "$b" .py)" 120 $PY "$b" --device cuda
-done
-step bench_attention_cuda 150 $PY benchmarks/bench_attention.py --device cuda
-step bench_moe_cuda 180 $PY scripts/cuda_smoke_moe.py --bench
-# Model: the CUDA model tests on their own (CUDA-graph decode == eager; they also run in the pytest
-# step above, which stops at the first failure), then gpt-oss-20b decode at batch 1 (random MXFP4
-# weights, ~13 GB of GPU memory), eager and CUDA graph, vs the bandwidth floor.
-step model_cuda 180 $PY -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
-step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
+PHASES=${*:-build tests sanitize bench model}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+
+if has build; then
+  step build 420 env GPTOSS_EXT_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$SUMMARY"; exit 1; }
+fi
+step import 60 $PY -c "import gptoss_ext, torch; assert gptoss_ext.has_cuda_kernels(); print(gptoss_ext.build_info)" \
+  || { cat "$SUMMARY"; exit 1; }
+has build && step sass 120 $PY scripts/check_sass.py
+has tests && step tests 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider
+if has sanitize; then
+  for s in scripts/cuda_smoke*.py; do  # every CUDA op once on small awkward shapes, vs the CPU kernel
+    n=$(basename "$s" .py)
+    step "memcheck_$n" 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$s"
+    step "racecheck_$n" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$s"
+  done
+fi
+if has bench; then
+  # rms_norm and rope vs eager; attention: prefill TFLOP/s vs SDPA flash up to T=8192, backward,
+  # decode KV GB/s vs the device copy bandwidth (~90 s); MoE: prefill T=4096 vs cuBLAS dense bf16
+  # on the same FLOPs, MXFP4 decode GB/s vs the device copy bandwidth, transformers' GptOssMLP;
+  # the MoE smoke script's per-kernel timings.
+  for b in benchmarks/bench_rms_norm.py benchmarks/bench_rope.py; do
+    step "$(basename "$b" .py)_cuda" 120 $PY "$b" --device cuda
+  done
+  step bench_attention_cuda 150 $PY benchmarks/bench_attention.py --device cuda
+  step bench_moe_cuda 150 $PY benchmarks/bench_moe.py --device cuda
+  step bench_moe_kernels_cuda 120 $PY scripts/cuda_smoke_moe.py --bench
+fi
+if has model; then
+  # CUDA-graph decode == eager (also in the tests phase, which stops at the first failure), then
+  # gpt-oss-20b decode at batch 1 (random MXFP4 weights, ~13 GB of GPU memory), eager and CUDA
+  # graph, vs the bandwidth floor.
+  step model_cuda 180 $PY -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+  step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
+fi
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

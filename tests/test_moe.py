@@ -502,6 +502,118 @@ def test_moe_mlp_mxfp4_matches_dequantize_then_reference(dtype, t):
         assert_error_within(out, oracle, ref_moe_mlp(xl, *mlp_args(pl, q1, q2), k=k))
 
 
+def mxfp4_ops_sequence(x, logits, k, q1, b1, q2, b2, alpha=1.702, limit=7.0):
+    """moe_experts_mxfp4's contract: the op sequence it stands for."""
+    weights, experts = ops.moe_route(logits, k)
+    order, row_token, offsets = ops.moe_dispatch(experts, logits.shape[1])
+    a = ops.moe_grouped_gemm(x, offsets, q1, b1, row_token, fused_swiglu=True, alpha=alpha, limit=limit)
+    return ops.moe_combine(ops.moe_grouped_gemm(a, offsets, q2, b2), order, weights)
+
+
+@contextlib.contextmanager
+def threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 16, 17])
+@pytest.mark.parametrize("same_experts", [False, True])
+def test_moe_experts_mxfp4_few_tokens(dtype, t, same_experts):
+    # T <= 16 takes the CPU's fused decode path (T = 17 the op sequence). same_experts: every
+    # token picks experts 0..3, so each selected expert gets T grouped rows.
+    e, k, d, inter = 8, 4, 64, 96
+    x, p = make_block(t, e, d, inter, gate_scale=30.0)
+    if same_experts:
+        p["gate_weight"] = p["gate_weight"] / 300  # logit noise ~0.1 around well-separated biases
+        p["gate_bias"] = torch.tensor([4.0, 3.0, 2.0, 1.0] + [-4.0] * (e - 4))
+    q1, q2 = ops.mxfp4_quantize(p["mlp1_weight"]), ops.mxfp4_quantize(p["mlp2_weight"])
+    xl, pl = x.to(dtype), {n: v.to(dtype) for n, v in p.items()}
+    logits = torch.nn.functional.linear(xl, pl["gate_weight"], pl["gate_bias"])
+    experts = ops.moe_route(logits, k)[1]
+    if same_experts:
+        assert (experts == torch.arange(4, dtype=torch.int32)).all()
+    outs = {}
+    for n in (1, 2, 3):
+        with threads(n):
+            outs[n] = ops.moe_mlp(xl, *mlp_args(pl, q1, q2), k=k)
+    assert outs[1].shape == (t, d) and outs[1].dtype == dtype
+    if t <= 16:  # the fused path's split over threads does not change a bit
+        assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])
+    out = outs[2]
+    assert_close(out, mxfp4_ops_sequence(xl, logits, k, q1, pl["mlp1_bias"], q2, pl["mlp2_bias"]), dtype)
+    # the float64 oracle on the same rounded inputs and the decoded weights
+    w1, w2 = (ops.mxfp4_dequantize(*q, dtype=torch.float64) for q in (q1, q2))
+    oracle = ref_moe_mlp(xl.double(), *[a.double() for a in mlp_args(pl, w1, w2)], k=k)
+    assert torch.equal(reference.moe_route(torch.nn.functional.linear(
+        xl.double(), pl["gate_weight"].double(), pl["gate_bias"].double()), k)[1], experts)
+    if dtype == torch.float32:
+        assert_close(out, oracle, dtype, scale=4)
+    else:  # activations between the GEMMs are rounded to dtype (as in the reference)
+        assert_error_within(out, oracle, ref_moe_mlp(xl, *mlp_args(pl, q1, q2), k=k))
+
+
+def test_moe_experts_mxfp4_no_clamp_and_real_width():
+    # limit=None (no clamp), gpt-oss-20b widths d = I = 2880, 32 experts, 3 tokens. The float64
+    # oracle decodes only the selected experts (decoding all 32 in the reference takes ~10 GB).
+    t, e, k, d, inter = 3, 32, 4, 2880, 2880
+    x = torch.randn(t, d).bfloat16()
+    gate_w, gate_b = (torch.randn(e, d) / math.sqrt(d)).bfloat16(), torch.randn(e).bfloat16()
+    q1, q2 = random_mxfp4(e, 2 * inter, d, 112, 116), random_mxfp4(e, d, inter, 112, 116)
+    b1, b2 = torch.randn(e, 2 * inter).bfloat16(), torch.randn(e, d).bfloat16()
+    logits = torch.nn.functional.linear(x, gate_w, gate_b)
+    out = ops.moe_mlp(x, gate_w, gate_b, q1, b1, q2, b2, k=k, limit=None)
+    assert_close(out, mxfp4_ops_sequence(x, logits, k, q1, b1, q2, b2, limit=math.inf), torch.bfloat16)
+    weights, experts = reference.moe_route(logits.double(), k)
+    oracle = torch.zeros(t, d, dtype=torch.float64)
+    for i in range(t):
+        for j in range(k):
+            ex = int(experts[i, j])
+            w1 = ops.mxfp4_dequantize(q1[0][ex], q1[1][ex], torch.float64)
+            w2 = ops.mxfp4_dequantize(q2[0][ex], q2[1][ex], torch.float64)
+            a = reference.swiglu(w1 @ x[i].double() + b1[ex].double(), 1.702, None)
+            oracle[i] += weights[i, j] * (w2 @ a + b2[ex].double())
+    assert_close(out, oracle, torch.bfloat16, scale=2)
+
+
+def test_moe_experts_mxfp4_bad_input():
+    t, e, k, d, inter = 3, 4, 2, 64, 32
+    x = torch.randn(t, d)
+    logits = torch.randn(t, e)
+    q1, q2 = random_mxfp4(e, 2 * inter, d), random_mxfp4(e, d, inter)
+    b1, b2 = torch.randn(e, 2 * inter), torch.randn(e, d)
+    args = [x, logits, k, q1[0], q1[1], b1, q2[0], q2[1], b2, 1.702, 7.0]
+
+    def call(**changes):
+        a = list(args)
+        for i, v in changes.items():
+            a[int(i[1:])] = v
+        return _ops.moe_experts_mxfp4(*a)
+
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: k must be in"):
+        call(a2=e + 1)
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: router_logits must have the dtype of x"):
+        call(a1=logits.double())
+    with pytest.raises(RuntimeError, match=r"moe_experts_mxfp4: router_logits must be \[T, E\]"):
+        call(a1=logits[:2])
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: mlp1_scales must be"):
+        call(a4=q1[1][:, :-1])
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: mlp2_bias must be"):
+        call(a8=b2[:, :-1])
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: mlp1_blocks must be"):
+        call(a3=q1[0][:3])
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: mlp2_blocks must be"):
+        call(**dict(zip(("a6", "a7"), random_mxfp4(e, d, 2 * inter))))  # I/32 = 2 blocks, not 1
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: x must be Float/BFloat16/Half, got Double"):
+        call(a0=x.double())
+    with pytest.raises(RuntimeError, match="moe_experts_mxfp4: limit must be > 0"):
+        call(a10=0.0)
+
+
 def test_moe_mlp_real_size_mxfp4():
     # gpt-oss-20b expert shapes (E=32, d=I=2880), 7 tokens, MXFP4 weights
     t, e, k, d, inter = 7, 32, 4, 2880, 2880
@@ -585,6 +697,10 @@ def _opcheck_cases():
         (_ops.moe_combine_backward, (torch.randn(t, d), y, order, weights)),
         (_ops.mxfp4_dequantize, (blocks, scales, torch.bfloat16)),
         (_ops.mxfp4_quantize, (torch.randn(3, 64),)),
+        (_ops.moe_experts_mxfp4, (x, torch.randn(t, e), k, *random_mxfp4(e, 64, d), torch.randn(e, 64),
+                                  *random_mxfp4(e, d, 32), torch.randn(e, d), 1.702, 7.0)),
+        (_ops.moe_experts_mxfp4, (torch.randn(20, d), torch.randn(20, e), k, *random_mxfp4(e, 64, d),
+                                  torch.randn(e, 64), *random_mxfp4(e, d, 32), torch.randn(e, d), 1.702, 7.0)),
     ]
 
 
@@ -778,9 +894,12 @@ def test_slow_real_size_mxfp4_grid(e, t):
     b1 = torch.randn(e, 2 * inter).bfloat16()
     a = ops.moe_grouped_gemm(x, offsets, q1, b1, row_token, fused_swiglu=True)
     used = sorted({int(i) for i in torch.nonzero(offsets[1:] > offsets[:-1]).flatten()})
-    w1 = torch.zeros(e, 2 * inter, d, dtype=torch.float64)
+    # decoded weights held in bfloat16, where they are exact (2 significant bits, scales 2^-15..-12):
+    # float64 for 128 experts would take 17 GB; gemm_oracle widens one expert at a time
+    w1 = torch.zeros(e, 2 * inter, d, dtype=torch.bfloat16)
     for i in used:
-        w1[i] = reference.mxfp4_dequantize(q1[0][i], q1[1][i], torch.float64)
+        w1[i] = reference.mxfp4_dequantize(q1[0][i], q1[1][i], torch.float64).bfloat16()
+    assert torch.equal(w1[used[0]].double(), reference.mxfp4_dequantize(q1[0][used[0]], q1[1][used[0]], torch.float64))
     assert_close(a, gemm_oracle(x, row_token, offsets, w1, b1, True), torch.bfloat16)
 
 

@@ -682,10 +682,14 @@ def _opcheck_cases():
         (C.moe_combine_backward.default, (torch.randn(6, 16, device=DEV), y.detach(), order, wts)),
         (C.mxfp4_dequantize.default, (blocks.to(DEV), scales.to(DEV), torch.bfloat16)),
         (C.mxfp4_quantize.default, (torch.randn(3, 64, device=DEV),)),
+        (C.moe_experts_mxfp4.default, (torch.randn(6, 32, device=DEV), torch.randn(6, 4, device=DEV), 2,
+                                       *_to(DEV, *_mxfp4_weight(4, 64, 32)), torch.randn(4, 64, device=DEV),
+                                       *_to(DEV, *_mxfp4_weight(4, 32, 32)), torch.randn(4, 32, device=DEV),
+                                       ALPHA, LIMIT)),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck_cuda(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

@@ -370,6 +370,61 @@ void check_grouping_values(const at::Tensor& offsets, const c10::optional<at::Te
   }
 }
 
+void check_moe_experts_mxfp4(const at::Tensor& x, const at::Tensor& router_logits, int64_t k,
+                             const at::Tensor& mlp1_blocks, const at::Tensor& mlp1_scales,
+                             const at::Tensor& mlp1_bias, const at::Tensor& mlp2_blocks,
+                             const at::Tensor& mlp2_scales, const at::Tensor& mlp2_bias, double alpha,
+                             double limit) {
+  const char* op = "moe_experts_mxfp4";
+  check_dtype_in(x, op, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_dim(x, 2, op, "x", "[T, d]");
+  const int64_t t = x.size(0), d = x.size(1);
+  TORCH_CHECK(d % 32 == 0 && d > 0, op, ": x's hidden dim d = ", d,
+              " must be a positive multiple of 32 (the MXFP4 block size)");
+  check_defined(router_logits, op, "router_logits");
+  check_same_dtype(x, router_logits, op, "x", "router_logits");
+  check_same_device(x, router_logits, op, "x", "router_logits");
+  TORCH_CHECK(router_logits.dim() == 2 && router_logits.size(0) == t && router_logits.size(1) >= 1, op,
+              ": router_logits must be [T, E] with T = ", t, " (x's rows), got shape ", router_logits.sizes());
+  const int64_t e = router_logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= e, op, ": k must be in [1, E] = [1, ", e, "] (E = router_logits.size(1)), got ", k);
+  struct W {
+    const at::Tensor& blocks;
+    const at::Tensor& scales;
+    const at::Tensor& bias;
+    const char *bn, *sn, *biasn, *layout;
+  };
+  const W ws[2] = {
+      {mlp1_blocks, mlp1_scales, mlp1_bias, "mlp1_blocks", "mlp1_scales", "mlp1_bias", "[E, 2I, d/32, 16]"},
+      {mlp2_blocks, mlp2_scales, mlp2_bias, "mlp2_blocks", "mlp2_scales", "mlp2_bias", "[E, d, I/32, 16]"}};
+  for (const W& w : ws) {
+    check_uint8(w.blocks, op, w.bn);
+    check_uint8(w.scales, op, w.sn);
+    check_dim(w.blocks, 4, op, w.bn, w.layout);
+    check_same_device(x, w.blocks, op, "x", w.bn);
+    check_same_device(x, w.scales, op, "x", w.sn);
+    TORCH_CHECK(w.blocks.size(0) == e && w.blocks.size(3) == 16, op, ": ", w.bn, " must be ", w.layout,
+                " with E = ", e, " (router_logits.size(1)), got shape ", w.blocks.sizes());
+    TORCH_CHECK(w.scales.dim() == 3 && w.scales.sizes() == w.blocks.sizes().slice(0, 3), op, ": ", w.sn,
+                " must be ", w.blocks.sizes().slice(0, 3), " (", w.bn, "' leading dims), got shape ", w.scales.sizes());
+    check_defined(w.bias, op, w.biasn);
+    check_same_dtype(x, w.bias, op, "x", w.biasn);
+    check_same_device(x, w.bias, op, "x", w.biasn);
+    TORCH_CHECK(w.bias.dim() == 2 && w.bias.size(0) == e && w.bias.size(1) == w.blocks.size(1), op, ": ",
+                w.biasn, " must be [E, ", w.blocks.size(1), "] (", w.bn, "' first two dims), got shape ",
+                w.bias.sizes());
+  }
+  const int64_t two_i = mlp1_blocks.size(1);
+  TORCH_CHECK(mlp1_blocks.size(2) * 32 == d, op, ": mlp1_blocks must be [E, 2I, d/32, 16] with d/32 = ", d / 32,
+              ", got shape ", mlp1_blocks.sizes());
+  TORCH_CHECK(two_i % 64 == 0 && two_i > 0, op, ": mlp1_blocks' 2I = ", two_i,
+              " must be a positive multiple of 64 (I is mlp2's reduction dim, a multiple of 32)");
+  TORCH_CHECK(mlp2_blocks.size(1) == d && mlp2_blocks.size(2) * 32 == two_i / 2, op,
+              ": mlp2_blocks must be [E, d, I/32, 16] = [", e, ", ", d, ", ", two_i / 64, ", 16], got shape ",
+              mlp2_blocks.sizes());
+  check_limits(alpha, limit, op);
+}
+
 void check_moe_combine(const at::Tensor& y, const at::Tensor& order, const at::Tensor& weights) {
   const char* op = "moe_combine";
   check_float(y, op, "y");

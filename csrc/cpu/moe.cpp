@@ -13,6 +13,10 @@
 
 #include <array>
 #include <cmath>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -84,18 +88,18 @@ Grouping make_grouping(const at::Tensor& offsets, const c10::optional<at::Tensor
   return g;
 }
 
-namespace {
-
 // -------------------------------------------------------------------------------- Routing
 
+namespace {
 // a ranks before b: larger logit first, NaN above every number (a descending torch.sort).
 template <typename T>
 inline bool ranks_before(T a, T b) {
   return (std::isnan(a) && !std::isnan(b)) || a > b;
 }
+}  // namespace
 
 template <typename TIn, typename TAcc>
-void route_kernel(const TIn* logits, TAcc* weights, int32_t* experts, int64_t tokens, int64_t e, int64_t k) {
+void route_rows(const TIn* logits, TAcc* weights, int32_t* experts, int64_t tokens, int64_t e, int64_t k) {
   at::parallel_for(0, tokens, std::max<int64_t>(1, 8192 / e), [&](int64_t t0, int64_t t1) {
     std::vector<TAcc> val(k);
     std::vector<int32_t> idx(k);
@@ -129,6 +133,69 @@ void route_kernel(const TIn* logits, TAcc* weights, int32_t* experts, int64_t to
   });
 }
 
+template void route_rows<float, float>(const float*, float*, int32_t*, int64_t, int64_t, int64_t);
+template void route_rows<at::BFloat16, float>(const at::BFloat16*, float*, int32_t*, int64_t, int64_t, int64_t);
+template void route_rows<at::Half, float>(const at::Half*, float*, int32_t*, int64_t, int64_t, int64_t);
+
+// ------------------------------------------------------------------- Phased task scheduler
+
+namespace {
+
+// State shared with the helpers; a helper may outlive the call (it then only touches `next`).
+struct PhasedJob {
+  std::vector<int64_t> ends;
+  const std::function<void(int64_t)>* body = nullptr;  // valid while a claimed task is unfinished
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+void wait_done(const std::atomic<int64_t>& done, int64_t target) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins < 64) {
+#if defined(__x86_64__)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+void work_phased(PhasedJob& job) {
+  const int64_t n = job.ends.back();
+  size_t p = 0;
+  for (int64_t t; (t = job.next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+    while (t >= job.ends[p]) ++p;
+    if (p > 0) wait_done(job.done, job.ends[p - 1]);
+    try {
+      (*job.body)(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job.mu);
+      if (!job.error) job.error = std::current_exception();
+    }
+    job.done.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+}  // namespace
+
+void run_phased(const std::vector<int64_t>& phase_ends, const std::function<void(int64_t)>& body) {
+  if (phase_ends.empty() || phase_ends.back() <= 0) return;
+  auto job = std::make_shared<PhasedJob>();
+  job->ends = phase_ends;
+  job->body = &body;
+  const int64_t n = phase_ends.back();
+  const int64_t helpers =
+      at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) at::launch([job] { work_phased(*job); });
+  work_phased(*job);
+  wait_done(job->done, n);
+  if (job->error) std::rethrow_exception(job->error);
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_in, int64_t k) {
   check_moe_route(logits_in, k);
   const at::Tensor logits = logits_in.contiguous();
@@ -139,10 +206,10 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_in, int64_
   if (t == 0) return {weights, experts};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_route", [&] {
     if (acc == at::kDouble) {
-      route_kernel<scalar_t, double>(logits.const_data_ptr<scalar_t>(), weights.mutable_data_ptr<double>(),
+      route_rows<scalar_t, double>(logits.const_data_ptr<scalar_t>(), weights.mutable_data_ptr<double>(),
                                      experts.mutable_data_ptr<int32_t>(), t, e, k);
     } else {
-      route_kernel<scalar_t, float>(logits.const_data_ptr<scalar_t>(), weights.mutable_data_ptr<float>(),
+      route_rows<scalar_t, float>(logits.const_data_ptr<scalar_t>(), weights.mutable_data_ptr<float>(),
                                     experts.mutable_data_ptr<int32_t>(), t, e, k);
     }
   });

@@ -65,6 +65,20 @@ void run_tasks(int64_t n, int64_t work, const MakeState& make_state, const Body&
   });
 }
 
+// Runs body(task) for tasks [0, phase_ends.back()) on the calling thread and up to
+// at::get_num_threads() - 1 helpers from ATen's inter-op pool, claimed dynamically in order. A task
+// of phase p (phase_ends[p-1] <= task < phase_ends[p]) starts only after every task of the earlier
+// phases has finished, so one call can hold several dependent steps. Returns when every task is
+// done and rethrows the first exception a task threw. Unlike an OpenMP region it never waits for a
+// thread that has not started: a helper that wakes late finds no task left and leaves, so on an
+// oversubscribed machine a descheduled thread costs at most the one task it holds. body must not
+// open parallel regions (helpers are not OpenMP threads).
+void run_phased(const std::vector<int64_t>& phase_ends, const std::function<void(int64_t)>& body);
+
+// Top-k then softmax over the k (moe_route's contract) for rows [0, tokens) of logits [tokens, e].
+template <typename TIn, typename TAcc>
+void route_rows(const TIn* logits, TAcc* weights, int32_t* experts, int64_t tokens, int64_t e, int64_t k);
+
 // ---- bf16 grouped GEMM on ATen's brgemm micro-kernel (oneDNN ukernel; AMX where present).
 // Available when this CPU and torch build can run bf16 brgemm on VNNI-packed B.
 bool vnni_gemm_available();

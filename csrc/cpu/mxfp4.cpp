@@ -7,9 +7,12 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <functional>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -190,8 +193,10 @@ void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_
     const uint8_t* so = scales + o * g;
     __m512 acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    const bool prefetch = o + kPrefetchRows < o1;  // (rows past the tile are another task's)
     for (int64_t b = 0; b < g; ++b) {
-      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(bo + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
+      if (prefetch && (b & 3) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(bo + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bo + b * 16)));
       const __m512 sc = _mm512_set1_ps(tb.half_scale[so[b]]);
       const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
@@ -243,8 +248,9 @@ GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* s
     const uint8_t* s1 = s0 + g;
     __m512 acc0[NR], acc1[NR];
     for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    const bool prefetch = o + 1 + kPrefetchRows < o1;  // (rows past the tile are another task's)
     for (int64_t b = 0; b < g; ++b) {
-      if ((b & 3) == 0) {  // next row pair's bytes, one cache line per 4 blocks
+      if (prefetch && (b & 3) == 0) {  // rows kPrefetchRows ahead, one cache line per 4 blocks
         _mm_prefetch(reinterpret_cast<const char*>(b0 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(b1 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
       }
@@ -480,12 +486,166 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
   return out;
 }
 
+// ------------------------------------------------- Whole expert half, few tokens (decode)
+
+// Scratch reused across calls (per thread: the caller's and each helper's).
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// out [T, d] for T <= kDirectMaxRows (every expert then has at most kDirectMaxRows grouped rows,
+// the direct kernels' range), as one run_phased call: (1) W1 tiles of every selected expert with
+// the bias and SwiGLU epilogue -> a [N, I]; (1b) float path only: a -> split float rows; (2)
+// column tiles of d, each running W2 for every selected expert, adding the bias, rounding y to
+// x's dtype and combining its tokens in slot order. Every step computes and rounds as the op
+// sequence does (the same direct kernels, epilogues and combine order).
+template <typename scalar_t>
+void experts_decode(const at::Tensor& x, const at::Tensor& logits, int64_t k, const uint8_t* pb1, const uint8_t* ps1,
+                    const scalar_t* pbias1, const uint8_t* pb2, const uint8_t* ps2, const scalar_t* pbias2,
+                    int64_t two_i, float alpha, float limit, at::Tensor& out) {
+  const int64_t t = x.size(0), d = x.size(1), e_count = logits.size(1), inter = two_i / 2, n = t * k;
+  const int64_t g1 = d / 32, g2 = inter / 32;
+  // bf16 inputs on AVX512-BF16 feed the bf16 direct kernel as they are; the rest use split floats.
+  const bool bf16 = std::is_same_v<scalar_t, at::BFloat16> && cpu_has_avx512_bf16();
+
+  // routing and dispatch on the calling thread (moe_route, moe_dispatch)
+  thread_local std::vector<float> wbuf;
+  thread_local std::vector<int32_t> ibuf;
+  float* weights = scratch(wbuf, n);
+  int32_t* idx = scratch(ibuf, 3 * n + e_count + 1);
+  int32_t *experts = idx, *row_token = idx + n, *row_of = idx + 2 * n, *offsets = idx + 3 * n;
+  route_rows<scalar_t, float>(logits.const_data_ptr<scalar_t>(), weights, experts, t, e_count, k);
+  std::fill(offsets, offsets + e_count + 1, 0);
+  for (int64_t s = 0; s < n; ++s) ++offsets[experts[s] + 1];
+  for (int64_t e = 0; e < e_count; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int64_t> active;  // selected experts, most rows first
+  for (int64_t e = 0; e < e_count; ++e)
+    if (offsets[e + 1] > offsets[e]) active.push_back(e);
+  std::stable_sort(active.begin(), active.end(), [&](int64_t a, int64_t b) {
+    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
+  });
+  {
+    std::vector<int32_t> fill(offsets, offsets + e_count);
+    for (int64_t s = 0; s < n; ++s) {  // stable: slots in ascending order within an expert
+      const int32_t r = fill[experts[s]]++;
+      row_of[s] = r;
+      row_token[r] = static_cast<int32_t>(s / k);
+    }
+  }
+
+  // grouped inputs: bf16 rows, or split float rows; a [N, I] in x's dtype (+ split floats)
+  thread_local std::vector<float> fbuf;
+  thread_local std::vector<scalar_t> sbuf;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* xg = scratch(sbuf, n * (bf16 ? d : 0) + n * inter);
+  scalar_t* a = xg + n * (bf16 ? d : 0);
+  float* xs = scratch(fbuf, bf16 ? 0 : n * (d + inter));
+  float* as = xs + n * d;
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* src = px + static_cast<int64_t>(row_token[r]) * d;
+    if (bf16)
+      std::copy(src, src + d, xg + r * d);
+    else
+      split_row(src, xs + r * d, d);
+  }
+
+  // task lists: tile sizes give every thread several tasks per phase
+  const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t n_active = static_cast<int64_t>(active.size());
+  const int64_t tile1 = std::clamp<int64_t>((n_active * two_i / (8 * nthr)) & ~int64_t{63}, 64, 512);
+  const int64_t tile2 = std::clamp<int64_t>((d / (16 * nthr)) & ~int64_t{15}, 16, 256);
+  const int64_t per_expert1 = (two_i + tile1 - 1) / tile1;
+  const int64_t n1 = n_active * per_expert1, n1b = bf16 ? 0 : n, n2 = (d + tile2 - 1) / tile2;
+  const float* w = weights;
+  scalar_t* po = out.mutable_data_ptr<scalar_t>();
+
+  // h [rows, nt] = W[o0, o0 + nt) . in rows [r0, r0 + ne) (bf16 rows or split floats, ldx)
+  auto gemv = [&](const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt, const void* in,
+                  int64_t ldx, int64_t ne, float* h) {
+    for (int64_t rr = 0; rr < ne; rr += 8) {
+      const int nr = static_cast<int>(std::min<int64_t>(8, ne - rr));
+      if (bf16)
+        direct_rows_bf16_any(nr, blocks, scales, g, o0, o0 + nt, static_cast<const at::BFloat16*>(in) + rr * ldx, ldx,
+                             h + rr * nt, nt);
+      else
+        direct_rows_any(nr, blocks, scales, g, o0, o0 + nt, static_cast<const float*>(in) + rr * ldx, ldx,
+                        h + rr * nt, nt);
+    }
+  };
+
+  const std::function<void(int64_t)> body = [&](int64_t task) {
+    thread_local std::vector<float> hbuf, bbuf;
+    thread_local std::vector<scalar_t> ybuf;
+    if (task < n1) {  // (1) expert e's W1 rows [o0, o0 + nt), SwiGLU -> a
+      const int64_t e = active[task / per_expert1], o0 = (task % per_expert1) * tile1;
+      const int64_t nt = std::min(tile1, two_i - o0), r0 = offsets[e], ne = offsets[e + 1] - r0;
+      float* h = scratch(hbuf, ne * nt);
+      float* b = scratch(bbuf, nt);
+      for (int64_t i = 0; i < nt; ++i) b[i] = static_cast<float>(pbias1[e * two_i + o0 + i]);
+      const void* in = bf16 ? static_cast<const void*>(xg + r0 * d) : xs + r0 * d;
+      gemv(pb1 + e * two_i * g1 * 16, ps1 + e * two_i * g1, g1, o0, nt, in, d, ne, h);
+      for (int64_t r = 0; r < ne; ++r) swiglu_row(h + r * nt, a + (r0 + r) * inter + o0 / 2, nt / 2, alpha, limit, b);
+    } else if (task < n1 + n1b) {  // (1b) grouped row r of a -> split floats
+      const int64_t r = task - n1;
+      split_row(a + r * inter, as + r * inter, inter);
+    } else {  // (2) output columns [c0, c0 + nc): W2 of every selected expert, bias, combine
+      const int64_t c0 = (task - n1 - n1b) * tile2, nc = std::min(tile2, d - c0);
+      float* h = scratch(hbuf, kDirectMaxRows * nc);
+      float* b = scratch(bbuf, nc);
+      scalar_t* y = scratch(ybuf, n * nc);
+      for (int64_t e : active) {
+        const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
+        for (int64_t i = 0; i < nc; ++i) b[i] = static_cast<float>(pbias2[e * d + c0 + i]);
+        const void* in = bf16 ? static_cast<const void*>(a + r0 * inter) : as + r0 * inter;
+        gemv(pb2 + e * d * g2 * 16, ps2 + e * d * g2, g2, c0, nc, in, inter, ne, h);
+        for (int64_t r = 0; r < ne; ++r) bias_row(h + r * nc, y + (r0 + r) * nc, nc, b);
+      }
+      for (int64_t i = 0; i < t; ++i)  // moe_combine: float sum over the slots in order, one rounding
+        for_vec(nc, [&](int64_t c, int64_t nv) {
+          fVec sum(0.f);
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t* yr = y + static_cast<int64_t>(row_of[i * k + j]) * nc + c;
+            sum = at::vec::fmadd(fVec(w[i * k + j]), nv == kVecSize ? load_f(yr) : load_f(yr, nv), sum);
+          }
+          store_f(po + i * d + c0 + c, sum, nv);
+        });
+    }
+  };
+  run_phased({n1, n1 + n1b, n1 + n1b + n2}, body);
+}
+
+at::Tensor moe_experts_mxfp4(const at::Tensor& x_in, const at::Tensor& logits_in, int64_t k,
+                             const at::Tensor& mlp1_blocks, const at::Tensor& mlp1_scales, const at::Tensor& mlp1_bias,
+                             const at::Tensor& mlp2_blocks, const at::Tensor& mlp2_scales, const at::Tensor& mlp2_bias,
+                             double alpha, double limit) {
+  if (x_in.dim() == 2 && x_in.size(0) > kDirectMaxRows)
+    return moe_experts_mxfp4_ops(x_in, logits_in, k, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
+                                 mlp2_bias, alpha, limit);
+  check_moe_experts_mxfp4(x_in, logits_in, k, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
+                          alpha, limit);
+  const at::Tensor x = x_in.contiguous(), logits = logits_in.contiguous();
+  const at::Tensor b1 = mlp1_blocks.contiguous(), s1 = mlp1_scales.contiguous(), bias1 = mlp1_bias.contiguous();
+  const at::Tensor b2 = mlp2_blocks.contiguous(), s2 = mlp2_scales.contiguous(), bias2 = mlp2_bias.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.size(0) == 0) return out;
+  GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "moe_experts_mxfp4", [&] {
+    experts_decode<scalar_t>(x, logits, k, b1.const_data_ptr<uint8_t>(), s1.const_data_ptr<uint8_t>(),
+                             bias1.const_data_ptr<scalar_t>(), b2.const_data_ptr<uint8_t>(),
+                             s2.const_data_ptr<uint8_t>(), bias2.const_data_ptr<scalar_t>(), b1.size(1),
+                             static_cast<float>(alpha), clamp_limit(limit), out);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CPU, m) {
   m.impl("mxfp4_dequantize", &mxfp4_dequantize);
   m.impl("mxfp4_quantize", &mxfp4_quantize);
   m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4);
+  m.impl("moe_experts_mxfp4", &moe_experts_mxfp4);
 }
 
 }  // namespace gptoss::cpu

@@ -1,7 +1,6 @@
 #pragma once
-// Helpers shared by the MoE CUDA kernels (csrc/cuda/moe*.cu, mxfp4.cu): PTX wrappers for the
-// tensor-core paths (cp.async, ldmatrix, mma.sync m16n8k16, prmt), 16-bit packing, exact MXFP4
-// decoding that -ftz (--use_fast_math) cannot flush, block scans, the grouped-row tile schedule
+// Helpers shared by the MoE CUDA kernels (csrc/cuda/moe*.cu, mxfp4.cu): the tensor-core PTX
+// wrappers (from cuda/mma_sm80.cuh, shared with attention) and prmt, exact MXFP4 decoding that -ftz (--use_fast_math) cannot flush, block scans, the grouped-row tile schedule
 // and the stable counting sort behind moe_dispatch.
 //
 // Tensor-core helpers need sm_80+; on older devices they trap, and the host code never selects a
@@ -19,17 +18,12 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda/mma_sm80.cuh"
 #include "cuda/utils.cuh"
 
 #include "common/moe_math.h"
 
 namespace gptoss::cuda {
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define GPTOSS_MOE_NEED_SM80() __trap()
-#else
-#define GPTOSS_MOE_NEED_SM80() ((void)0)
-#endif
 
 // ------------------------------------------------------------------------------ device facts
 
@@ -53,70 +47,15 @@ inline int max_smem_optin() {
 __host__ __device__ __forceinline__ constexpr int64_t ceil_div_dev(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------ PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared async copy; valid = false writes 16 zero bytes and reads nothing
-// (src must still be a mapped address). dst and src 16-byte aligned.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  GPTOSS_MOE_NEED_SM80();
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Wait until at most N committed groups of this thread are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// Four 8x8 b16 matrices from shared memory: lane l gives the row address of matrix l / 8, row
-// l % 8; register i of lane (g = l / 4, t = l % 4) receives elements (2t, 2t+1) of row g of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  GPTOSS_MOE_NEED_SM80();
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-
-// d += A (16x16, row-major) * B (16x8, column-major), fp32 accumulation. Fragments (g = lane / 4,
-// t = lane % 4; each register holds two consecutive-k elements, the lower k in the low half):
-//   a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
-//   b[0] = B[2t..2t+1][g],  b[1] = B[2t+8..2t+9][g]
-//   d[0] = D[g][2t], d[1] = D[g][2t+1], d[2] = D[g+8][2t], d[3] = D[g+8][2t+1]
-template <bool BF16>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  GPTOSS_MOE_NEED_SM80();
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  if constexpr (BF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-#endif
-}
+// (one copy of each, cuda/mma_sm80.cuh)
+using sm80::cp_async_16;
+using sm80::cp_async_commit;
+using sm80::cp_async_wait;
+using sm80::kIsBf16;
+using sm80::ldmatrix_x4;
+using sm80::mma_16816;
+using sm80::pack2;
+using sm80::smem_u32;
 
 // PTX prmt.b32 in its default mode: output byte i is source byte sel[4i+2:4i] of {b, a} (a = bytes
 // 0-3, b = bytes 4-7), or, when sel bit 4i+3 is set, that byte's sign bit replicated over 8 bits.
@@ -127,22 +66,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// ----------------------------------------------------------------------------- 16-bit packing
-
-template <typename T>
-constexpr bool kIsBf16 = std::is_same_v<T, c10::BFloat16>;
-
-// Two floats -> one register of two T (bfloat16 or half), round to nearest even, lo in bits 0-15.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (kIsBf16<T>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
+// ----------------------------------------------------------------------------- 16-bit values
 
 // The quiet NaN of a storage type (bad-input marker rows).
 template <typename T>
@@ -232,8 +156,8 @@ __device__ __forceinline__ uint32_t bf16_half_scale(uint32_t scale) {
 
 // x * y on bfloat16x2 registers (exact here: powers of two times values with 2 significant bits).
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t x, uint32_t y) {
-  GPTOSS_MOE_NEED_SM80();
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  GPTOSS_NEED_SM80();
+#if GPTOSS_HAS_SM80
   const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x),
                                    *reinterpret_cast<const __nv_bfloat162*>(&y));
   return *reinterpret_cast<const uint32_t*>(&r);

@@ -58,20 +58,9 @@ void grouped_gemm_forward(const at::Tensor& x, const at::Tensor* ri, const at::T
   const bool tc = use_tensor_cores<T>(x, w, K);
   const Schedule sched = make_schedule<T>(offsets, E, N, tc ? kTcBM : kSimtBM, out.mutable_data_ptr<T>(), out.size(1),
                                           stream);
-  GemmParams<T, A> p;
-  p.a = x.const_data_ptr<T>();
-  p.row_index = ri != nullptr ? ri->const_data_ptr<int32_t>() : nullptr;
-  p.a_rows = x.size(0);
+  GemmParams<T, A> p = forward_params<T, A>(x, ri, E, N, K, M, bias, out, alpha, limit);
   p.so = sched.so();
   p.tile_start = sched.tile_start();
-  p.num_experts = static_cast<int>(E);
-  p.n_rows = N;
-  p.red = K;
-  p.ncols = M;
-  p.bias = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
-  p.out = out.mutable_data_ptr<T>();
-  p.alpha = static_cast<A>(alpha);
-  p.limit = static_cast<A>(limit);
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
     if (tc) {
       DenseB<T> b;
@@ -221,48 +210,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_grouped_gemm_backward(
     using T = scalar_t;
     using A = acc_t<T>;
     const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+    // dX rows in grouped order: out [N, K] = grad_out_e W_e (SIMT GEMM), in T or in A.
+    const auto launch_dx = [&](auto* out) {
+      using O = std::remove_pointer_t<decltype(out)>;
+      const Schedule sched = make_schedule<O>(offsets, E, N, kSimtBM, out, K, stream);
+      GemmParams<T, A> p;
+      p.a = go.const_data_ptr<T>();
+      p.a_rows = N;
+      p.so = sched.so();
+      p.tile_start = sched.tile_start();
+      p.num_experts = static_cast<int>(E);
+      p.n_rows = N;
+      p.red = M;
+      p.ncols = K;
+      p.out = out;
+      DenseBwdXB<T, A> b;
+      b.w = w.const_data_ptr<T>();
+      b.ncols = K;
+      b.red = M;
+      launch_gemm_simt<T, A, DenseBwdXB<T, A>, O>(p, b, false, stream);
+    };
     if (output_mask[0]) {
       // Grouped rows owned by no expert (bad offsets) come out NaN, as in the forward.
       if (!has_ri) {
         gx = at::empty({R, K}, x.options());
-        if (N > 0 && K > 0) {
-          const Schedule sched = make_schedule<T>(offsets, E, N, kSimtBM, gx.mutable_data_ptr<T>(), K, stream);
-          GemmParams<T, A> p;
-          p.a = go.const_data_ptr<T>();
-          p.a_rows = N;
-          p.so = sched.so();
-          p.tile_start = sched.tile_start();
-          p.num_experts = static_cast<int>(E);
-          p.n_rows = N;
-          p.red = M;
-          p.ncols = K;
-          p.out = gx.mutable_data_ptr<T>();
-          DenseBwdXB<T, A> b;
-          b.w = w.const_data_ptr<T>();
-          b.ncols = K;
-          b.red = M;
-          launch_gemm_simt<T, A, DenseBwdXB<T, A>, T>(p, b, false, stream);
-        }
+        if (N > 0 && K > 0) launch_dx(gx.mutable_data_ptr<T>());
       } else if (N == 0 || K == 0 || R == 0) {
         gx = at::zeros({R, K}, x.options());
       } else {
         at::Tensor G = at::empty({N, K}, acc_opts);
-        const Schedule sched = make_schedule<A>(offsets, E, N, kSimtBM, G.mutable_data_ptr<A>(), K, stream);
-        GemmParams<T, A> p;
-        p.a = go.const_data_ptr<T>();
-        p.a_rows = N;
-        p.so = sched.so();
-        p.tile_start = sched.tile_start();
-        p.num_experts = static_cast<int>(E);
-        p.n_rows = N;
-        p.red = M;
-        p.ncols = K;
-        p.out = G.mutable_data_ptr<A>();
-        DenseBwdXB<T, A> b;
-        b.w = w.const_data_ptr<T>();
-        b.ncols = K;
-        b.red = M;
-        launch_gemm_simt<T, A, DenseBwdXB<T, A>, A>(p, b, false, stream);
+        launch_dx(G.mutable_data_ptr<A>());
         // Inverse mapping: grouped rows sorted by x row (stable), then one ordered sum per x row.
         TORCH_CHECK(R < std::numeric_limits<int32_t>::max() - 1, "moe_grouped_gemm_backward: x must have < 2^31-2 rows "
                     "on CUDA, got ", R);

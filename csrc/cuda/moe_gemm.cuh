@@ -56,6 +56,27 @@ struct GemmParams {
   A alpha = 0, limit = 0;   // SwiGLU
 };
 
+// The forward GEMMs' parameters (dense and MXFP4): x [a_rows, red] with row_index (or null),
+// bias [E, ncols] (or null) and out; the schedule fields (so, tile_start) are left to the caller.
+template <typename T, typename A>
+GemmParams<T, A> forward_params(const at::Tensor& x, const at::Tensor* ri, int64_t num_experts, int64_t n_rows,
+                                int64_t red, int64_t ncols, const at::Tensor* bias, at::Tensor& out, double alpha,
+                                double limit) {
+  GemmParams<T, A> p;
+  p.a = x.const_data_ptr<T>();
+  p.row_index = ri != nullptr ? ri->const_data_ptr<int32_t>() : nullptr;
+  p.a_rows = x.size(0);
+  p.num_experts = static_cast<int>(num_experts);
+  p.n_rows = n_rows;
+  p.red = red;
+  p.ncols = ncols;
+  p.bias = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
+  p.out = out.mutable_data_ptr<T>();
+  p.alpha = static_cast<A>(alpha);
+  p.limit = static_cast<A>(limit);
+  return p;
+}
+
 // Source row of grouped row gr, or -1 when row_index holds a value outside [0, a_rows).
 __device__ __forceinline__ int64_t gemm_src_row(const int32_t* __restrict__ row_index, int64_t gr, int64_t a_rows) {
   const int64_t r = row_index != nullptr ? static_cast<int64_t>(row_index[gr]) : gr;
@@ -98,7 +119,7 @@ struct DenseB {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const bool ok = rowp[i] != nullptr && k < red;
-      cp_async16(stage + tc_swz((tid >> 2) + 64 * i, kc), ok ? static_cast<const void*>(rowp[i] + k) : w, ok);
+      cp_async_16(stage + tc_swz((tid >> 2) + 64 * i, kc), ok ? static_cast<const void*>(rowp[i] + k) : w, ok);
     }
   }
   __device__ __forceinline__ void finish(uint32_t, int) {}
@@ -110,7 +131,6 @@ struct DenseB {
 template <typename T, typename BSrc, bool FUSED>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_gemm_tc_kernel(const GemmParams<T, float> p, BSrc bsrc) {
-  constexpr bool kBf16 = kIsBf16<T>;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sA = smem_u32(smem), sB = sA + kTcStages * kTcTileBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -143,7 +163,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       for (int i = 0; i < 2; ++i) {
         const bool ok = arow[i] != nullptr && k < K;
         // (a skipped copy still needs a mapped, aligned source: the schedule buffer, never empty)
-        cp_async16(stage + tc_swz((tid >> 2) + 64 * i, kc), ok ? static_cast<const void*>(arow[i] + k) : p.so, ok);
+        cp_async_16(stage + tc_swz((tid >> 2) + 64 * i, kc), ok ? static_cast<const void*>(arow[i] + k) : p.so, ok);
       }
     };
     bsrc.begin_tile(e, m0, tid);
@@ -198,7 +218,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-          for (int ni = 0; ni < 4; ++ni) mma16816<kBf16>(acc[mi][ni], af[mi], bfr[ni]);
+          for (int ni = 0; ni < 4; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
       }
       if (pf < KT) bsrc.finish(sB + pf_off, tid);  // register-staged sources write their stage now
     }

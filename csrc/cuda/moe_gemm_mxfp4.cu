@@ -251,10 +251,10 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
               const uint32_t xv[4] = {xq.x, xq.y, xq.z, xq.w};
               const uint32_t a0[4] = {wa[q][0], wb[q][0], wa[q][1], wb[q][1]};
               const uint32_t b0[2] = {xv[0], xv[1]};
-              mma16816<true>(acc[n], a0, b0);
+              mma_16816<Bf16>(acc[n], a0, b0[0], b0[1]);
               const uint32_t a1[4] = {wa[q][2], wb[q][2], wa[q][3], wb[q][3]};
               const uint32_t b1[2] = {xv[2], xv[3]};
-              mma16816<true>(acc[n], a1, b1);
+              mma_16816<Bf16>(acc[n], a1, b1[0], b1[1]);
             }
           }
           r0 = r1;
@@ -339,18 +339,7 @@ void mxfp4_forward(const at::Tensor& x, const at::Tensor* ri, const at::Tensor& 
                    at::Tensor& out, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t N = out.size(0), E = blocks.size(0), M = blocks.size(1), KB = blocks.size(2), K = KB * 32;
-  GemmParams<T, A> p;
-  p.a = x.const_data_ptr<T>();
-  p.row_index = ri != nullptr ? ri->const_data_ptr<int32_t>() : nullptr;
-  p.a_rows = x.size(0);
-  p.num_experts = static_cast<int>(E);
-  p.n_rows = N;
-  p.red = K;
-  p.ncols = M;
-  p.bias = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
-  p.out = out.mutable_data_ptr<T>();
-  p.alpha = static_cast<A>(alpha);
-  p.limit = static_cast<A>(limit);
+  GemmParams<T, A> p = forward_params<T, A>(x, ri, E, N, K, M, bias, out, alpha, limit);
   const uint8_t* bl = blocks.const_data_ptr<uint8_t>();
   const uint8_t* sc = scales.const_data_ptr<uint8_t>();
   if constexpr (std::is_same_v<T, Bf16>) {
@@ -420,6 +409,10 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) { m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4); }
+TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
+  m.impl("moe_grouped_gemm_mxfp4", &moe_grouped_gemm_mxfp4);
+  // the op sequence (route, dispatch, two grouped GEMMs, combine), each step a CUDA kernel above
+  m.impl("moe_experts_mxfp4", &gptoss::moe_experts_mxfp4_ops);
+}
 
 }  // namespace gptoss::cuda
