@@ -20,8 +20,19 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	touch $@
 
-build: $(VENV)/.installed
+# The extension is rebuilt only when a source, setup.py or the requirements changed (or the built
+# module is missing): pip's editable install compiles every file from scratch each time (~5 min
+# with the CUDA kernels on 2 cores).
+EXT_SOURCES := $(shell find csrc -type f) setup.py gptoss_ext/_isa.py
+ifeq ($(wildcard gptoss_ext/_C*.so),)
+$(shell rm -f $(VENV)/.built)
+endif
+
+$(VENV)/.built: $(VENV)/.installed $(EXT_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
 
 test: build
 	$(PY) -m pytest -q -m "not slow"
@@ -36,4 +47,4 @@ bench: build
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build *.egg-info gptoss_ext/_C*.so gptoss_ext/_build_info.json
+	rm -rf build *.egg-info gptoss_ext/_C*.so gptoss_ext/_build_info.json $(VENV)/.built
