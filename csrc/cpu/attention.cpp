@@ -293,37 +293,84 @@ inline void load_pairs_transposed(const c10::BFloat16* src, const c10::BFloat16*
   }
 }
 
-// S[i][0:64] = sum over pairs p < np of q[i * ldq + p] . kp[p][0:64] for MR rows (q: bf16 pairs,
-// held as float bit patterns so that a pair broadcast is a plain vbroadcastss from memory).
-template <int MR>
-__attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const float* q, int64_t ldq, const uint32_t* kp,
-                                                             int64_t npairs, float* S) {
-  static_assert(kBK == 64, "four vectors of keys per tile");
-  __m512 c[MR][4];
+// C[i][0:16 NV] (+)= sum over pairs p < npairs of a[i * lda + p] . bp[p * ldb + 0:16 NV] for MR rows
+// (vdpbf16ps): a holds bf16 pairs as float bit patterns (a pair broadcast is a plain vbroadcastss
+// from memory), bp bf16 pairs as 32-bit words. Q K^T (a = Q pairs, bp = K pairs transposed) and
+// P V (a = P rounded to bf16 pairs, bp = V pairs of consecutive keys, see load_v_pairs).
+template <int MR, int NV, bool ACC>
+__attribute__((target("avx512bf16"))) inline void dp_bf16_tile(const float* a, int64_t lda, const uint32_t* bp,
+                                                             int64_t ldb, int64_t npairs, float* C, int64_t ldc) {
+  __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) c[i][j] = ACC ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
   for (int64_t p = 0; p < npairs; ++p) {
-    __m512bh kb[4];
-    for (int j = 0; j < 4; ++j) kb[j] = (__m512bh)_mm512_loadu_si512(kp + p * kBK + 16 * j);
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + p * ldb + 16 * j);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh qa = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(q[i * ldq + p]));
-      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], qa, kb[j]);
+      const __m512bh ai = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(a[i * lda + p]));
+      for (int j = 0; j < NV; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], ai, b[j]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(S + i * kBK + 16 * j, c[i][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, c[i][j]);
+}
+
+// dp_bf16_tile over R rows (4 at a time).
+template <int NV, bool ACC>
+inline void dp_bf16_rows(int64_t R, const float* a, int64_t lda, const uint32_t* bp, int64_t ldb, int64_t npairs,
+                         float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) dp_bf16_tile<4, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc);
+  switch (R - r) {
+    case 3: dp_bf16_tile<3, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    case 2: dp_bf16_tile<2, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    case 1: dp_bf16_tile<1, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    default: break;
+  }
 }
 
 // S[r][0:64] for rows r < R (row stride kBK) from bf16 q rows (pairs, row stride D / 2).
 inline void qk_bf16(int64_t R, int64_t D, const float* q, const uint32_t* kp, float* S) {
-  const int64_t np = D / 2;
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) qk_bf16_tile<4>(q + r * np, np, kp, np, S + r * kBK);
-  switch (R - r) {
-    case 3: qk_bf16_tile<3>(q + r * np, np, kp, np, S + r * kBK); break;
-    case 2: qk_bf16_tile<2>(q + r * np, np, kp, np, S + r * kBK); break;
-    case 1: qk_bf16_tile<1>(q + r * np, np, kp, np, S + r * kBK); break;
-    default: break;
+  static_assert(kBK == 64, "four vectors of keys per tile");
+  dp_bf16_rows<4, false>(R, q, D / 2, kp, kBK, D / 2, S, kBK);
+}
+
+// V pairs of a tile (D % 32 == 0): for key pair p < ceil(n / 2) and each 32-column block d0,
+// vp[p * D + d0 + 0:16] = unpacklo16(v[2p][d0:d0+32], v[2p+1][d0:d0+32]) and [16:32] the unpackhi
+// (v[n] = 0 when n is odd). So word d0 + 16 h + 4 l + j of a pair row holds column
+// d0 + 8 l + 4 h + j (l < 4 128-bit lanes, j < 4): P V computed with these rows comes out in that
+// "pair order"; unpermute_pair_order restores it.
+inline void load_v_pairs(const c10::BFloat16* src, const c10::BFloat16* src2, int64_t stride, int64_t n1,
+                         int64_t n, int64_t D, uint32_t* vp) {
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const c10::BFloat16* ra = tile_row(src, src2, stride, n1, 2 * p);
+    const bool has_b = 2 * p + 1 < n;
+    const c10::BFloat16* rb = has_b ? tile_row(src, src2, stride, n1, 2 * p + 1) : ra;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __m512i va = _mm512_loadu_si512(ra + d0);
+      const __m512i vb = has_b ? _mm512_loadu_si512(rb + d0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + p * D + d0, _mm512_unpacklo_epi16(va, vb));
+      _mm512_storeu_si512(vp + p * D + d0 + 16, _mm512_unpackhi_epi16(va, vb));
+    }
+  }
+}
+
+// pp[0:np / 2] = the float row s[0:np] (np a multiple of 16) rounded to bf16, as pairs.
+__attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* s, int64_t np, float* pp) {
+  int64_t k = 0;
+  for (; k + 32 <= np; k += 32)
+    _mm512_storeu_ps(pp + k / 2, (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + k + 16), _mm512_loadu_ps(s + k)));
+  if (k < np) _mm256_storeu_ps(pp + k / 2, (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + k)));
+}
+
+// Row x[0:D] from pair order (load_v_pairs) back to column order.
+inline void unpermute_pair_order(float* x, int64_t D) {
+  float t[32];
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    std::memcpy(t, x + d0, sizeof(t));
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 4; ++l)
+        for (int j = 0; j < 4; ++j) x[d0 + 8 * l + 4 * h + j] = t[16 * h + 4 * l + j];
   }
 }
 #endif
@@ -392,6 +439,8 @@ struct FwdScratch {
   std::vector<acc_t> qb, s, kt, vb, o, m, l;
   std::vector<float> qp;     // bf16 pairs of the unit's Q rows, as float bit patterns (qk_bf16)
   std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
+  std::vector<uint32_t> vp;  // bf16 pairs of a V tile (load_v_pairs)
+  std::vector<float> pp;     // P rows rounded to bf16 pairs (round_row_bf16)
   static FwdScratch& get(int64_t rows, int64_t D, int64_t Dp) {
     thread_local FwdScratch sc;
     const auto grow = [](std::vector<acc_t>& v, int64_t n) {
@@ -406,6 +455,8 @@ struct FwdScratch {
     grow(sc.l, rows);
     if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
+    if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
+    if (static_cast<int64_t>(sc.pp.size()) < rows * kBK / 2) sc.pp.resize(rows * kBK / 2);
     return sc;
   }
 };
@@ -416,7 +467,8 @@ struct FwdScratch {
 // when it is not aligned). Scratch row (hh, t, g) = (hh * (t1 - t0) + t - t0) * G + g holds query
 // head (h0 + hh) * G + g at position t. Per tile the heads run back to back, so with all kv heads
 // in one unit (decode) the tile's cache rows [kBK, Hkv, D] are streamed once, contiguously.
-// Updates the unnormalised state (m, l, o) in the scratch, which the caller initialises.
+// Updates the unnormalised state (m, l, o) in the scratch, which the caller initialises (o to 0:
+// the bf16 pair path accumulates o in pair order and restores column order at the end).
 template <typename scalar_t, typename acc_t, bool FAST>
 void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64_t h1, int64_t t0, int64_t t1,
               int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
@@ -456,14 +508,19 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       const int64_t hh = h - h0;
       const scalar_t* kh = P.k + b * P.ks[0] + h * P.ks[2];
       const scalar_t* vh = P.v + b * P.vs[0] + h * P.vs[2];
-      // Prefetch this head's rows of the next tile: one tile of all the unit's heads ahead.
-      for (int64_t i = 0; i < n_next; ++i) {
-        const int64_t slot = sn + i < P.kv_rows ? sn + i : sn + i - P.kv_rows;
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(kh + slot * kst) + off);
-          __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
+      // Prefetch this head's rows of the next tile (one tile of all the unit's heads ahead), a
+      // quarter between each step, so that compute overlaps the misses rather than waiting on a
+      // burst of them.
+      const auto prefetch_next = [&](int64_t quarter) {
+        for (int64_t i = n_next * quarter / 4; i < n_next * (quarter + 1) / 4; ++i) {
+          const int64_t slot = sn + i < P.kv_rows ? sn + i : sn + i - P.kv_rows;
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(kh + slot * kst) + off);
+            __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
+          }
         }
-      }
+      };
+      prefetch_next(0);
       if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -475,10 +532,16 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       if (std::is_same_v<scalar_t, acc_t> && D == Dp && n1 == n) {  // float rows used in place
         vt = reinterpret_cast<const acc_t*>(vh + sa * vst);
         ldv = vst;
-      } else {
+      } else if (!dp_bf16) {
         for (int64_t i = 0; i < n; ++i)
           load_row(vh + (i < n1 ? sa + i : i - n1) * vst, sc.vb.data() + i * Dp, D);
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (dp_bf16) load_v_pairs(vh + sa * vst, vh, vst, n1, n, D, sc.vp.data());
+      }
+#endif
+      prefetch_next(1);
       acc_t* S = sc.s.data();
       acc_t* m = sc.m.data() + hh * R;
       acc_t* l = sc.l.data() + hh * R;
@@ -489,6 +552,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       }
 #endif
       if (!dp_bf16) gemm<acc_t, false, false>(R, np, D, sc.qb.data() + hh * R * D, D, sc.kt.data(), kBK, S, kBK);
+      prefetch_next(2);
       for (int64_t r = 0; r < R; ++r) {
         acc_t* sr = S + r * kBK;
         int64_t ra = 0, re = n;
@@ -508,9 +572,30 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         l[r] = l[r] * alpha + sum;
         if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
       }
-      gemm<acc_t, false, true>(R, Dp, n, S, kBK, vt, ldv, o, Dp);
+      prefetch_next(3);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (dp_bf16) {
+          // P V with bf16 products: P rounded to bf16 (as a GPU's P V MMA does), sums in float.
+          float* pp = sc.pp.data();
+          for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
+          const int64_t npairs = (n + 1) / 2;
+          int64_t c0 = 0;
+          for (; c0 + 64 <= D; c0 += 64)
+            dp_bf16_rows<4, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
+          if (c0 < D) dp_bf16_rows<2, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
+        }
+      }
+#endif
+      if (!dp_bf16) gemm<acc_t, false, true>(R, Dp, n, S, kBK, vt, ldv, o, Dp);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dp_bf16)
+      for (int64_t r = 0; r < (h1 - h0) * R; ++r) unpermute_pair_order(sc.o.data() + r * Dp, D);
+  }
+#endif
 }
 
 // Most query rows (kv heads x positions x group) one forward unit holds.
