@@ -33,6 +33,9 @@
 #include <cstring>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "common/attention.h"
 #include "common/dispatch.h"
 #include "common/vec.h"
@@ -363,6 +366,88 @@ __attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* s,
   if (k < np) _mm256_storeu_ps(pp + k / 2, (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + k)));
 }
 
+// Q K^T on AMX (TDPBF16PS), when the CPU has it and the kernel lets this process use it: per
+// 16-key block, S^T[key][r] = K[key][:] . Q[r][:] with A = the 16 cache rows of K as they are (no
+// transpose) and B = Q^T in pair form (qk_amx_prepare), then S^T is transposed to S's rows.
+inline bool cpu_use_amx() {
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+struct AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 = S^T block (16 keys x 16 rows, float), 1 = K block (16 keys x 32 bf16), 2 = Q^T pairs
+// (16 pairs x 16 rows). Loaded per call (other code on the thread, e.g. oneDNN, may reconfigure).
+__attribute__((target("amx-tile"))) inline void qk_amx_config() {
+  // Static: the compiler does not see ldtilecfg read the memory, so a local's stores may be dropped.
+  static const AmxConfig c = [] {
+    AmxConfig x;
+    for (int t = 0; t < 3; ++t) {
+      x.colsb[t] = 64;
+      x.rows[t] = 16;
+    }
+    return x;
+  }();
+  _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile"))) inline void qk_amx_release() { _tile_release(); }
+
+// qt[(s * 16 + p) * 16 + r] = pair (q[r][32 s + 2 p], q[r][32 s + 2 p + 1]) for r < R <= 16 (0
+// for r >= R); q: R rows of D / 2 pairs (as float bit patterns).
+inline void qk_amx_prepare(const float* q, int64_t R, int64_t D, uint32_t* qt) {
+  for (int64_t s = 0; s < D / 32; ++s)
+    for (int64_t p = 0; p < 16; ++p)
+      for (int64_t r = 0; r < 16; ++r) {
+        uint32_t w = 0;
+        if (r < R) std::memcpy(&w, q + r * (D / 2) + s * 16 + p, 4);
+        qt[(s * 16 + p) * 16 + r] = w;
+      }
+}
+
+// S[r][0:np] (row stride kBK, np = round_up(n, 16)) for r < R <= 16 from the n <= kBK key rows
+// row(i) = tile_row(src, src2, stride, n1, i) (D bf16 each, D % 32 == 0). st: 16 * kBK floats,
+// stage: 16 * D bf16 of scratch. qk_amx_config must be in effect.
+__attribute__((target("amx-tile,amx-bf16"))) inline void qk_amx(const c10::BFloat16* src, const c10::BFloat16* src2,
+                                                                int64_t stride, int64_t n1, int64_t n, int64_t D,
+                                                                const uint32_t* qt, int64_t R, float* st,
+                                                                c10::BFloat16* stage, float* S) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const c10::BFloat16* a = src + i0 * stride;
+    int64_t lda = stride * 2;
+    if (i0 + 16 > n1 || i0 + 16 > n) {  // partial block or a ring's wrap: stage the rows
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i0 + i < n)
+          std::memcpy(stage + i * D, tile_row(src, src2, stride, n1, i0 + i), D * 2);
+        else
+          std::memset(stage + i * D, 0, D * 2);
+      }
+      a = stage;
+      lda = D * 2;
+    }
+    _tile_zero(0);
+    for (int64_t s = 0; s < D / 32; ++s) {
+      _tile_loadd(1, a + 32 * s, lda);
+      _tile_loadd(2, qt + s * 256, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, st + i0 * 16, 64);
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(st + (i0 + i) * 16);
+    transpose16x16(r);
+    for (int64_t i = 0; i < R; ++i) _mm512_storeu_ps(S + i * kBK + i0, r[i]);
+  }
+}
+
 // Row x[0:D] from pair order (load_v_pairs) back to column order.
 inline void unpermute_pair_order(float* x, int64_t D) {
   float t[32];
@@ -441,6 +526,9 @@ struct FwdScratch {
   std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
   std::vector<uint32_t> vp;  // bf16 pairs of a V tile (load_v_pairs)
   std::vector<float> pp;     // P rows rounded to bf16 pairs (round_row_bf16)
+  std::vector<uint32_t> qt;  // Q^T pairs of the unit's heads (qk_amx_prepare)
+  std::vector<float> st;     // S^T of a tile (qk_amx)
+  std::vector<c10::BFloat16> stage;  // staged K rows (qk_amx)
   static FwdScratch& get(int64_t rows, int64_t D, int64_t Dp) {
     thread_local FwdScratch sc;
     const auto grow = [](std::vector<acc_t>& v, int64_t n) {
@@ -457,6 +545,9 @@ struct FwdScratch {
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
     if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
     if (static_cast<int64_t>(sc.pp.size()) < rows * kBK / 2) sc.pp.resize(rows * kBK / 2);
+    if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);  // heads * D / 2 * 16, heads <= rows
+    if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
+    if (static_cast<int64_t>(sc.stage.size()) < 16 * D) sc.stage.resize(16 * D);
     return sc;
   }
 };
@@ -479,6 +570,8 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
   // the pair form halves them; prefill's many rows keep the float FMA GEMM.
   const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
+  static const bool amx_env = !getenv("GPTOSS_NOAMX");
+  const bool qk_amx_on = dp_bf16 && R <= 16 && amx_env && cpu_use_amx();
 #else
   constexpr bool dp_bf16 = false;
 #endif
@@ -491,6 +584,13 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       else
         load_row(src, sc.qb.data() + row * D, G * D);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+  if (qk_amx_on) {
+    for (int64_t hh = 0; hh < h1 - h0; ++hh)
+      qk_amx_prepare(sc.qp.data() + hh * R * D / 2, R, D, sc.qt.data() + hh * D / 2 * 16);
+    qk_amx_config();
+  }
+#endif
   for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
     const int64_t a = lo + tile * kBK, e = std::min(hi, a + kBK);
     if (a >= e) continue;
@@ -508,15 +608,25 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       const int64_t hh = h - h0;
       const scalar_t* kh = P.k + b * P.ks[0] + h * P.ks[2];
       const scalar_t* vh = P.v + b * P.vs[0] + h * P.vs[2];
-      // Prefetch this head's rows of the next tile (one tile of all the unit's heads ahead), a
-      // quarter between each step, so that compute overlaps the misses rather than waiting on a
-      // burst of them.
+      static const int pf_mode = getenv("GPTOSS_PF") ? atoi(getenv("GPTOSS_PF")) : 1;
+      // mode 1/2: this head's rows of the next tile; mode 3: the next head's rows (of this tile, or
+      // of the next tile's first head).
+      const bool last_head = h + 1 == h1;
+      const scalar_t* pk = pf_mode == 3 ? (last_head ? P.k + b * P.ks[0] + h0 * P.ks[2] : kh + P.ks[2]) : kh;
+      const scalar_t* pv = pf_mode == 3 ? (last_head ? P.v + b * P.vs[0] + h0 * P.vs[2] : vh + P.vs[2]) : vh;
+      const int64_t pn = pf_mode == 3 && !last_head ? n : n_next, ps = pf_mode == 3 && !last_head ? sa : sn;
       const auto prefetch_next = [&](int64_t quarter) {
-        for (int64_t i = n_next * quarter / 4; i < n_next * (quarter + 1) / 4; ++i) {
-          const int64_t slot = sn + i < P.kv_rows ? sn + i : sn + i - P.kv_rows;
+        if (pf_mode == 0) return;
+        int64_t i0 = pn * quarter / 4, i1 = pn * (quarter + 1) / 4;
+        if (pf_mode == 1) {
+          if (quarter) return;
+          i0 = 0; i1 = pn;
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t slot = ps + i < P.kv_rows ? ps + i : ps + i - P.kv_rows;
           for (int64_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(kh + slot * kst) + off);
-            __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
+            __builtin_prefetch(reinterpret_cast<const char*>(pk + slot * kst) + off);
+            __builtin_prefetch(reinterpret_cast<const char*>(pv + slot * vst) + off);
           }
         }
       };
@@ -524,7 +634,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (dp_bf16) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
+        if (dp_bf16 && !qk_amx_on) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
       }
 #endif
       const acc_t* vt = sc.vb.data();
@@ -548,7 +658,13 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       acc_t* o = sc.o.data() + hh * R * Dp;
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (dp_bf16) qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
+        if (qk_amx_on) {
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+            qk_amx(kh + sa * kst, kh, kst, n1, n, D, sc.qt.data() + hh * D / 2 * 16, R, sc.st.data(),
+                   sc.stage.data(), S);
+        } else if (dp_bf16) {
+          qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
+        }
       }
 #endif
       if (!dp_bf16) gemm<acc_t, false, false>(R, np, D, sc.qb.data() + hh * R * D, D, sc.kt.data(), kBK, S, kBK);
@@ -595,6 +711,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
     if (dp_bf16)
       for (int64_t r = 0; r < (h1 - h0) * R; ++r) unpermute_pair_order(sc.o.data() + r * Dp, D);
   }
+  if (qk_amx_on) qk_amx_release();
 #endif
 }
 
