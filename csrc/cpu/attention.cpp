@@ -5,7 +5,8 @@
 // one kv head per unit for prefill, all of them (up to kMaxUnitRows rows) when there is a single
 // query block (decode), so a unit streams whole contiguous cache rows. Its rows are the block's
 // positions x the G = Hq/Hkv query heads of each of its kv heads, so each K/V tile is loaded
-// (converted to float, K transposed; bf16 K as raw pairs for AVX512-BF16) once for the whole group. Per key tile:
+// (converted to float, K transposed; in bf16 decode, K as raw pairs for AVX512-BF16 or in place
+// for AMX, V as pairs of keys) once for the whole group. Per key tile:
 // S = Q K^T (register-tiled GEMM), mask, online softmax (common/attention.h: the sink joins the
 // denominator at the end), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
@@ -448,6 +449,31 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void qk_amx(const c10::BFloa
   }
 }
 
+// o[r][0:D] += sum over key pairs p < npairs of pp[r][p] . vp[p][0:D] (pair order) for r < R <= 16
+// on AMX: A = P's bf16 pairs (row stride kBK / 2 words), B = V pairs (load_v_pairs), 16 columns
+// at a time. Pairs [npairs, round_up(npairs, 16)) of pp and vp are zeroed first (stale scratch
+// must not enter the sums). ot: 256 floats of scratch. qk_amx_config must be in effect.
+__attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, int64_t R, uint32_t* vp, int64_t npairs,
+                                                                int64_t D, float* ot, float* o, int64_t ldo) {
+  const int64_t nsteps = (npairs + 15) / 16;
+  if (npairs % 16 != 0) {
+    for (int64_t r = 0; r < 16; ++r)
+      std::fill(pp + r * (kBK / 2) + npairs, pp + r * (kBK / 2) + nsteps * 16, 0.f);
+    std::fill(vp + npairs * D, vp + nsteps * 16 * D, 0u);
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    _tile_zero(0);
+    for (int64_t ks = 0; ks < nsteps; ++ks) {
+      _tile_loadd(1, pp + ks * 16, kBK / 2 * 4);
+      _tile_loadd(2, vp + ks * 16 * D + d0, D * 4);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, ot, 64);
+    for (int64_t r = 0; r < R; ++r)
+      _mm512_storeu_ps(o + r * ldo + d0, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + d0), _mm512_loadu_ps(ot + r * 16)));
+  }
+}
+
 // Row x[0:D] from pair order (load_v_pairs) back to column order.
 inline void unpermute_pair_order(float* x, int64_t D) {
   float t[32];
@@ -544,7 +570,8 @@ struct FwdScratch {
     if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
     if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
-    if (static_cast<int64_t>(sc.pp.size()) < rows * kBK / 2) sc.pp.resize(rows * kBK / 2);
+    if (static_cast<int64_t>(sc.pp.size()) < std::max<int64_t>(rows, 16) * kBK / 2)
+      sc.pp.resize(std::max<int64_t>(rows, 16) * kBK / 2);
     if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);  // heads * D / 2 * 16, heads <= rows
     if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
     if (static_cast<int64_t>(sc.stage.size()) < 16 * D) sc.stage.resize(16 * D);
@@ -568,12 +595,15 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
 #if defined(CPU_CAPABILITY_AVX512)
   // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
-  // the pair form halves them; prefill's many rows keep the float FMA GEMM.
+  // the pair form halves them; prefill's many rows keep the float FMA GEMM. Both products then
+  // take bf16 operands (P rounded to bf16) and float sums: vdpbf16ps, or AMX tiles (up to 16
+  // rows per head) where the CPU and kernel allow; GPTOSS_EXT_NO_AMX set in the environment keeps
+  // vdpbf16ps (so the tests cover both on an AMX machine).
   const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
-  static const bool amx_env = !getenv("GPTOSS_NOAMX");
-  const bool qk_amx_on = dp_bf16 && R <= 16 && amx_env && cpu_use_amx();
+  static const bool amx_allowed = getenv("GPTOSS_EXT_NO_AMX") == nullptr;
+  const bool use_amx = dp_bf16 && R <= 16 && amx_allowed && cpu_use_amx();
 #else
-  constexpr bool dp_bf16 = false;
+  constexpr bool dp_bf16 = false, use_amx = false;
 #endif
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t t = t0; t < t1; ++t) {
@@ -585,7 +615,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         load_row(src, sc.qb.data() + row * D, G * D);
     }
 #if defined(CPU_CAPABILITY_AVX512)
-  if (qk_amx_on) {
+  if (use_amx) {
     for (int64_t hh = 0; hh < h1 - h0; ++hh)
       qk_amx_prepare(sc.qp.data() + hh * R * D / 2, R, D, sc.qt.data() + hh * D / 2 * 16);
     qk_amx_config();
@@ -608,33 +638,18 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       const int64_t hh = h - h0;
       const scalar_t* kh = P.k + b * P.ks[0] + h * P.ks[2];
       const scalar_t* vh = P.v + b * P.vs[0] + h * P.vs[2];
-      static const int pf_mode = getenv("GPTOSS_PF") ? atoi(getenv("GPTOSS_PF")) : 1;
-      // mode 1/2: this head's rows of the next tile; mode 3: the next head's rows (of this tile, or
-      // of the next tile's first head).
-      const bool last_head = h + 1 == h1;
-      const scalar_t* pk = pf_mode == 3 ? (last_head ? P.k + b * P.ks[0] + h0 * P.ks[2] : kh + P.ks[2]) : kh;
-      const scalar_t* pv = pf_mode == 3 ? (last_head ? P.v + b * P.vs[0] + h0 * P.vs[2] : vh + P.vs[2]) : vh;
-      const int64_t pn = pf_mode == 3 && !last_head ? n : n_next, ps = pf_mode == 3 && !last_head ? sa : sn;
-      const auto prefetch_next = [&](int64_t quarter) {
-        if (pf_mode == 0) return;
-        int64_t i0 = pn * quarter / 4, i1 = pn * (quarter + 1) / 4;
-        if (pf_mode == 1) {
-          if (quarter) return;
-          i0 = 0; i1 = pn;
+      // Prefetch this head's rows of the next tile: one tile of all the unit's heads ahead.
+      for (int64_t i = 0; i < n_next; ++i) {
+        const int64_t slot = sn + i < P.kv_rows ? sn + i : sn + i - P.kv_rows;
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(kh + slot * kst) + off);
+          __builtin_prefetch(reinterpret_cast<const char*>(vh + slot * vst) + off);
         }
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t slot = ps + i < P.kv_rows ? ps + i : ps + i - P.kv_rows;
-          for (int64_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(pk + slot * kst) + off);
-            __builtin_prefetch(reinterpret_cast<const char*>(pv + slot * vst) + off);
-          }
-        }
-      };
-      prefetch_next(0);
+      }
       if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (dp_bf16 && !qk_amx_on) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
+        if (dp_bf16 && !use_amx) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
       }
 #endif
       const acc_t* vt = sc.vb.data();
@@ -651,14 +666,13 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         if (dp_bf16) load_v_pairs(vh + sa * vst, vh, vst, n1, n, D, sc.vp.data());
       }
 #endif
-      prefetch_next(1);
       acc_t* S = sc.s.data();
       acc_t* m = sc.m.data() + hh * R;
       acc_t* l = sc.l.data() + hh * R;
       acc_t* o = sc.o.data() + hh * R * Dp;
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (qk_amx_on) {
+        if (use_amx) {
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
             qk_amx(kh + sa * kst, kh, kst, n1, n, D, sc.qt.data() + hh * D / 2 * 16, R, sc.st.data(),
                    sc.stage.data(), S);
@@ -668,7 +682,6 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       }
 #endif
       if (!dp_bf16) gemm<acc_t, false, false>(R, np, D, sc.qb.data() + hh * R * D, D, sc.kt.data(), kBK, S, kBK);
-      prefetch_next(2);
       for (int64_t r = 0; r < R; ++r) {
         acc_t* sr = S + r * kBK;
         int64_t ra = 0, re = n;
@@ -688,7 +701,6 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         l[r] = l[r] * alpha + sum;
         if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
       }
-      prefetch_next(3);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
         if (dp_bf16) {
@@ -696,6 +708,10 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
           float* pp = sc.pp.data();
           for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
           const int64_t npairs = (n + 1) / 2;
+          if (use_amx) {
+            pv_amx(pp, R, sc.vp.data(), npairs, D, sc.st.data(), o, Dp);
+            continue;
+          }
           int64_t c0 = 0;
           for (; c0 + 64 <= D; c0 += 64)
             dp_bf16_rows<4, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
@@ -711,7 +727,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
     if (dp_bf16)
       for (int64_t r = 0; r < (h1 - h0) * R; ++r) unpermute_pair_order(sc.o.data() + r * Dp, D);
   }
-  if (qk_amx_on) qk_amx_release();
+  if (use_amx) qk_amx_release();
 #endif
 }
 
