@@ -572,3 +572,18 @@ def test_property_against_oracle(b, tq, extra_k, hkv, group, d, dtype, window, q
     q, k, v, s = make(b, tq, tk, hkv * group, hkv, d, dtype, sinks=sink_mag is not None,
                       sink_scale=sink_mag or 1.0, gen=gen)
     check_forward(q, k, v, s, window, q_offset)
+
+
+def test_decode_bf16_without_amx():
+    """bf16 decode runs its products on AMX tiles where the CPU has them, else with vdpbf16ps:
+    rerun the decode and single-query tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that both
+    are tested on an AMX machine (elsewhere both runs take the same path)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, GPTOSS_EXT_NO_AMX="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "(decode or Tq1) and not without_amx"],
+                       env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

@@ -5,7 +5,8 @@
 // one kv head per unit for prefill, all of them (up to kMaxUnitRows rows) when there is a single
 // query block (decode), so a unit streams whole contiguous cache rows. Its rows are the block's
 // positions x the G = Hq/Hkv query heads of each of its kv heads, so each K/V tile is loaded
-// (converted to float, K transposed; bf16 K as raw pairs for AVX512-BF16) once for the whole group. Per key tile:
+// (converted to float, K transposed; in bf16 decode, K as raw pairs for AVX512-BF16 or in place
+// for AMX, V as pairs of keys) once for the whole group. Per key tile:
 // S = Q K^T (register-tiled GEMM), mask, online softmax (common/attention.h: the sink joins the
 // denominator at the end), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
@@ -32,6 +33,9 @@
 #include <atomic>
 #include <cstring>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "common/attention.h"
 #include "common/dispatch.h"
@@ -293,37 +297,191 @@ inline void load_pairs_transposed(const c10::BFloat16* src, const c10::BFloat16*
   }
 }
 
-// S[i][0:64] = sum over pairs p < np of q[i * ldq + p] . kp[p][0:64] for MR rows (q: bf16 pairs,
-// held as float bit patterns so that a pair broadcast is a plain vbroadcastss from memory).
-template <int MR>
-__attribute__((target("avx512bf16"))) inline void qk_bf16_tile(const float* q, int64_t ldq, const uint32_t* kp,
-                                                             int64_t npairs, float* S) {
-  static_assert(kBK == 64, "four vectors of keys per tile");
-  __m512 c[MR][4];
+// C[i][0:16 NV] (+)= sum over pairs p < npairs of a[i * lda + p] . bp[p * ldb + 0:16 NV] for MR rows
+// (vdpbf16ps): a holds bf16 pairs as float bit patterns (a pair broadcast is a plain vbroadcastss
+// from memory), bp bf16 pairs as 32-bit words. Q K^T (a = Q pairs, bp = K pairs transposed) and
+// P V (a = P rounded to bf16 pairs, bp = V pairs of consecutive keys, see load_v_pairs).
+template <int MR, int NV, bool ACC>
+__attribute__((target("avx512bf16"))) inline void dp_bf16_tile(const float* a, int64_t lda, const uint32_t* bp,
+                                                             int64_t ldb, int64_t npairs, float* C, int64_t ldc) {
+  __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) c[i][j] = ACC ? _mm512_loadu_ps(C + i * ldc + 16 * j) : _mm512_setzero_ps();
   for (int64_t p = 0; p < npairs; ++p) {
-    __m512bh kb[4];
-    for (int j = 0; j < 4; ++j) kb[j] = (__m512bh)_mm512_loadu_si512(kp + p * kBK + 16 * j);
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + p * ldb + 16 * j);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh qa = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(q[i * ldq + p]));
-      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], qa, kb[j]);
+      const __m512bh ai = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(a[i * lda + p]));
+      for (int j = 0; j < NV; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], ai, b[j]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(S + i * kBK + 16 * j, c[i][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, c[i][j]);
+}
+
+// dp_bf16_tile over R rows (4 at a time).
+template <int NV, bool ACC>
+inline void dp_bf16_rows(int64_t R, const float* a, int64_t lda, const uint32_t* bp, int64_t ldb, int64_t npairs,
+                         float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) dp_bf16_tile<4, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc);
+  switch (R - r) {
+    case 3: dp_bf16_tile<3, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    case 2: dp_bf16_tile<2, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    case 1: dp_bf16_tile<1, NV, ACC>(a + r * lda, lda, bp, ldb, npairs, C + r * ldc, ldc); break;
+    default: break;
+  }
 }
 
 // S[r][0:64] for rows r < R (row stride kBK) from bf16 q rows (pairs, row stride D / 2).
 inline void qk_bf16(int64_t R, int64_t D, const float* q, const uint32_t* kp, float* S) {
-  const int64_t np = D / 2;
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) qk_bf16_tile<4>(q + r * np, np, kp, np, S + r * kBK);
-  switch (R - r) {
-    case 3: qk_bf16_tile<3>(q + r * np, np, kp, np, S + r * kBK); break;
-    case 2: qk_bf16_tile<2>(q + r * np, np, kp, np, S + r * kBK); break;
-    case 1: qk_bf16_tile<1>(q + r * np, np, kp, np, S + r * kBK); break;
-    default: break;
+  static_assert(kBK == 64, "four vectors of keys per tile");
+  dp_bf16_rows<4, false>(R, q, D / 2, kp, kBK, D / 2, S, kBK);
+}
+
+// V pairs of a tile (D % 32 == 0): for key pair p < ceil(n / 2) and each 32-column block d0,
+// vp[p * D + d0 + 0:16] = unpacklo16(v[2p][d0:d0+32], v[2p+1][d0:d0+32]) and [16:32] the unpackhi
+// (v[n] = 0 when n is odd). So word d0 + 16 h + 4 l + j of a pair row holds column
+// d0 + 8 l + 4 h + j (l < 4 128-bit lanes, j < 4): P V computed with these rows comes out in that
+// "pair order"; unpermute_pair_order restores it.
+inline void load_v_pairs(const c10::BFloat16* src, const c10::BFloat16* src2, int64_t stride, int64_t n1,
+                         int64_t n, int64_t D, uint32_t* vp) {
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const c10::BFloat16* ra = tile_row(src, src2, stride, n1, 2 * p);
+    const bool has_b = 2 * p + 1 < n;
+    const c10::BFloat16* rb = has_b ? tile_row(src, src2, stride, n1, 2 * p + 1) : ra;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __m512i va = _mm512_loadu_si512(ra + d0);
+      const __m512i vb = has_b ? _mm512_loadu_si512(rb + d0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + p * D + d0, _mm512_unpacklo_epi16(va, vb));
+      _mm512_storeu_si512(vp + p * D + d0 + 16, _mm512_unpackhi_epi16(va, vb));
+    }
+  }
+}
+
+// pp[0:np / 2] = the float row s[0:np] (np a multiple of 16) rounded to bf16, as pairs.
+__attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* s, int64_t np, float* pp) {
+  int64_t k = 0;
+  for (; k + 32 <= np; k += 32)
+    _mm512_storeu_ps(pp + k / 2, (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + k + 16), _mm512_loadu_ps(s + k)));
+  if (k < np) _mm256_storeu_ps(pp + k / 2, (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + k)));
+}
+
+// Q K^T on AMX (TDPBF16PS), when the CPU has it and the kernel lets this process use it: per
+// 16-key block, S^T[key][r] = K[key][:] . Q[r][:] with A = the 16 cache rows of K as they are (no
+// transpose) and B = Q^T in pair form (qk_amx_prepare), then S^T is transposed to S's rows.
+inline bool cpu_use_amx() {
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+struct AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 = S^T block (16 keys x 16 rows, float), 1 = K block (16 keys x 32 bf16), 2 = Q^T pairs
+// (16 pairs x 16 rows). Loaded per call (other code on the thread, e.g. oneDNN, may reconfigure).
+__attribute__((target("amx-tile"))) inline void qk_amx_config() {
+  // Static: the compiler does not see ldtilecfg read the memory, so a local's stores may be dropped.
+  static const AmxConfig c = [] {
+    AmxConfig x;
+    for (int t = 0; t < 3; ++t) {
+      x.colsb[t] = 64;
+      x.rows[t] = 16;
+    }
+    return x;
+  }();
+  _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile"))) inline void qk_amx_release() { _tile_release(); }
+
+// qt[(s * 16 + p) * 16 + r] = pair (q[r][32 s + 2 p], q[r][32 s + 2 p + 1]) for r < R <= 16 (0
+// for r >= R); q: R rows of D / 2 pairs (as float bit patterns).
+inline void qk_amx_prepare(const float* q, int64_t R, int64_t D, uint32_t* qt) {
+  for (int64_t s = 0; s < D / 32; ++s)
+    for (int64_t p = 0; p < 16; ++p)
+      for (int64_t r = 0; r < 16; ++r) {
+        uint32_t w = 0;
+        if (r < R) std::memcpy(&w, q + r * (D / 2) + s * 16 + p, 4);
+        qt[(s * 16 + p) * 16 + r] = w;
+      }
+}
+
+// S[r][0:np] (row stride kBK, np = round_up(n, 16)) for r < R <= 16 from the n <= kBK key rows
+// row(i) = tile_row(src, src2, stride, n1, i) (D bf16 each, D % 32 == 0). st: 16 * kBK floats,
+// stage: 16 * D bf16 of scratch. qk_amx_config must be in effect.
+__attribute__((target("amx-tile,amx-bf16"))) inline void qk_amx(const c10::BFloat16* src, const c10::BFloat16* src2,
+                                                                int64_t stride, int64_t n1, int64_t n, int64_t D,
+                                                                const uint32_t* qt, int64_t R, float* st,
+                                                                c10::BFloat16* stage, float* S) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const c10::BFloat16* a = src + i0 * stride;
+    int64_t lda = stride * 2;
+    if (i0 + 16 > n1 || i0 + 16 > n) {  // partial block or a ring's wrap: stage the rows
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i0 + i < n)
+          std::memcpy(stage + i * D, tile_row(src, src2, stride, n1, i0 + i), D * 2);
+        else
+          std::memset(stage + i * D, 0, D * 2);
+      }
+      a = stage;
+      lda = D * 2;
+    }
+    _tile_zero(0);
+    for (int64_t s = 0; s < D / 32; ++s) {
+      _tile_loadd(1, a + 32 * s, lda);
+      _tile_loadd(2, qt + s * 256, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, st + i0 * 16, 64);
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(st + (i0 + i) * 16);
+    transpose16x16(r);
+    for (int64_t i = 0; i < R; ++i) _mm512_storeu_ps(S + i * kBK + i0, r[i]);
+  }
+}
+
+// o[r][0:D] += sum over key pairs p < npairs of pp[r][p] . vp[p][0:D] (pair order) for r < R <= 16
+// on AMX: A = P's bf16 pairs (row stride kBK / 2 words), B = V pairs (load_v_pairs), 16 columns
+// at a time. Pairs [npairs, round_up(npairs, 16)) of pp and vp are zeroed first (stale scratch
+// must not enter the sums). ot: 256 floats of scratch. qk_amx_config must be in effect.
+__attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, int64_t R, uint32_t* vp, int64_t npairs,
+                                                                int64_t D, float* ot, float* o, int64_t ldo) {
+  const int64_t nsteps = (npairs + 15) / 16;
+  if (npairs % 16 != 0) {
+    for (int64_t r = 0; r < 16; ++r)
+      std::fill(pp + r * (kBK / 2) + npairs, pp + r * (kBK / 2) + nsteps * 16, 0.f);
+    std::fill(vp + npairs * D, vp + nsteps * 16 * D, 0u);
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    _tile_zero(0);
+    for (int64_t ks = 0; ks < nsteps; ++ks) {
+      _tile_loadd(1, pp + ks * 16, kBK / 2 * 4);
+      _tile_loadd(2, vp + ks * 16 * D + d0, D * 4);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, ot, 64);
+    for (int64_t r = 0; r < R; ++r)
+      _mm512_storeu_ps(o + r * ldo + d0, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + d0), _mm512_loadu_ps(ot + r * 16)));
+  }
+}
+
+// Row x[0:D] from pair order (load_v_pairs) back to column order.
+inline void unpermute_pair_order(float* x, int64_t D) {
+  float t[32];
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    std::memcpy(t, x + d0, sizeof(t));
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 4; ++l)
+        for (int j = 0; j < 4; ++j) x[d0 + 8 * l + 4 * h + j] = t[16 * h + 4 * l + j];
   }
 }
 #endif
@@ -392,6 +550,11 @@ struct FwdScratch {
   std::vector<acc_t> qb, s, kt, vb, o, m, l;
   std::vector<float> qp;     // bf16 pairs of the unit's Q rows, as float bit patterns (qk_bf16)
   std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
+  std::vector<uint32_t> vp;  // bf16 pairs of a V tile (load_v_pairs)
+  std::vector<float> pp;     // P rows rounded to bf16 pairs (round_row_bf16)
+  std::vector<uint32_t> qt;  // Q^T pairs of the unit's heads (qk_amx_prepare)
+  std::vector<float> st;     // S^T of a tile (qk_amx)
+  std::vector<c10::BFloat16> stage;  // staged K rows (qk_amx)
   static FwdScratch& get(int64_t rows, int64_t D, int64_t Dp) {
     thread_local FwdScratch sc;
     const auto grow = [](std::vector<acc_t>& v, int64_t n) {
@@ -406,6 +569,12 @@ struct FwdScratch {
     grow(sc.l, rows);
     if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
+    if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
+    if (static_cast<int64_t>(sc.pp.size()) < std::max<int64_t>(rows, 16) * kBK / 2)
+      sc.pp.resize(std::max<int64_t>(rows, 16) * kBK / 2);
+    if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);  // heads * D / 2 * 16, heads <= rows
+    if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
+    if (static_cast<int64_t>(sc.stage.size()) < 16 * D) sc.stage.resize(16 * D);
     return sc;
   }
 };
@@ -416,7 +585,8 @@ struct FwdScratch {
 // when it is not aligned). Scratch row (hh, t, g) = (hh * (t1 - t0) + t - t0) * G + g holds query
 // head (h0 + hh) * G + g at position t. Per tile the heads run back to back, so with all kv heads
 // in one unit (decode) the tile's cache rows [kBK, Hkv, D] are streamed once, contiguously.
-// Updates the unnormalised state (m, l, o) in the scratch, which the caller initialises.
+// Updates the unnormalised state (m, l, o) in the scratch, which the caller initialises (o to 0:
+// the bf16 pair path accumulates o in pair order and restores column order at the end).
 template <typename scalar_t, typename acc_t, bool FAST>
 void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64_t h1, int64_t t0, int64_t t1,
               int64_t tile_lo, int64_t tile_hi, FwdScratch<acc_t>& sc) {
@@ -425,10 +595,15 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
 #if defined(CPU_CAPABILITY_AVX512)
   // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
-  // the pair form halves them; prefill's many rows keep the float FMA GEMM.
+  // the pair form halves them; prefill's many rows keep the float FMA GEMM. Both products then
+  // take bf16 operands (P rounded to bf16) and float sums: vdpbf16ps, or AMX tiles (up to 16
+  // rows per head) where the CPU and kernel allow; GPTOSS_EXT_NO_AMX set in the environment keeps
+  // vdpbf16ps (so the tests cover both on an AMX machine).
   const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
+  static const bool amx_allowed = getenv("GPTOSS_EXT_NO_AMX") == nullptr;
+  const bool use_amx = dp_bf16 && R <= 16 && amx_allowed && cpu_use_amx();
 #else
-  constexpr bool dp_bf16 = false;
+  constexpr bool dp_bf16 = false, use_amx = false;
 #endif
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t t = t0; t < t1; ++t) {
@@ -439,6 +614,13 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       else
         load_row(src, sc.qb.data() + row * D, G * D);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+  if (use_amx) {
+    for (int64_t hh = 0; hh < h1 - h0; ++hh)
+      qk_amx_prepare(sc.qp.data() + hh * R * D / 2, R, D, sc.qt.data() + hh * D / 2 * 16);
+    qk_amx_config();
+  }
+#endif
   for (int64_t tile = tile_lo; tile < tile_hi; ++tile) {
     const int64_t a = lo + tile * kBK, e = std::min(hi, a + kBK);
     if (a >= e) continue;
@@ -467,7 +649,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       if (!dp_bf16) load_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kt.data(), kBK);
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (dp_bf16) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
+        if (dp_bf16 && !use_amx) load_pairs_transposed(kh + sa * kst, kh, kst, n1, n, D, sc.kp.data());
       }
 #endif
       const acc_t* vt = sc.vb.data();
@@ -475,17 +657,28 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       if (std::is_same_v<scalar_t, acc_t> && D == Dp && n1 == n) {  // float rows used in place
         vt = reinterpret_cast<const acc_t*>(vh + sa * vst);
         ldv = vst;
-      } else {
+      } else if (!dp_bf16) {
         for (int64_t i = 0; i < n; ++i)
           load_row(vh + (i < n1 ? sa + i : i - n1) * vst, sc.vb.data() + i * Dp, D);
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (dp_bf16) load_v_pairs(vh + sa * vst, vh, vst, n1, n, D, sc.vp.data());
+      }
+#endif
       acc_t* S = sc.s.data();
       acc_t* m = sc.m.data() + hh * R;
       acc_t* l = sc.l.data() + hh * R;
       acc_t* o = sc.o.data() + hh * R * Dp;
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (dp_bf16) qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
+        if (use_amx) {
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+            qk_amx(kh + sa * kst, kh, kst, n1, n, D, sc.qt.data() + hh * D / 2 * 16, R, sc.st.data(),
+                   sc.stage.data(), S);
+        } else if (dp_bf16) {
+          qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
+        }
       }
 #endif
       if (!dp_bf16) gemm<acc_t, false, false>(R, np, D, sc.qb.data() + hh * R * D, D, sc.kt.data(), kBK, S, kBK);
@@ -508,9 +701,34 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         l[r] = l[r] * alpha + sum;
         if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
       }
-      gemm<acc_t, false, true>(R, Dp, n, S, kBK, vt, ldv, o, Dp);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (dp_bf16) {
+          // P V with bf16 products: P rounded to bf16 (as a GPU's P V MMA does), sums in float.
+          float* pp = sc.pp.data();
+          for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
+          const int64_t npairs = (n + 1) / 2;
+          if (use_amx) {
+            pv_amx(pp, R, sc.vp.data(), npairs, D, sc.st.data(), o, Dp);
+            continue;
+          }
+          int64_t c0 = 0;
+          for (; c0 + 64 <= D; c0 += 64)
+            dp_bf16_rows<4, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
+          if (c0 < D) dp_bf16_rows<2, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
+        }
+      }
+#endif
+      if (!dp_bf16) gemm<acc_t, false, true>(R, Dp, n, S, kBK, vt, ldv, o, Dp);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dp_bf16)
+      for (int64_t r = 0; r < (h1 - h0) * R; ++r) unpermute_pair_order(sc.o.data() + r * Dp, D);
+  }
+  if (use_amx) qk_amx_release();
+#endif
 }
 
 // Most query rows (kv heads x positions x group) one forward unit holds.
