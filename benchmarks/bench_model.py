@@ -376,6 +376,37 @@ def gpu(a):
                 f"cached tokens (greedy, the token fed back on the device); copy bandwidth {bw / 1e9:.0f} GB/s; built in "
                 f"{build_s:.1f} s", ["decode", "tok/s", "ms / token", "GB read / token", "floor tok/s",
                                      "of BW floor", "peak GPU mem GiB"], rows)
+    with torch.inference_mode():
+        try:
+            gpu_kernel_profile(model, ctx, a)
+        except Exception as e:  # the profile is a diagnostic: never lose the table above to it
+            print(f"kernel profile failed: {e!r}")
+
+
+def gpu_kernel_profile(model, ctx, a, steps=10):
+    """Where a decode step's GPU time goes: the kernels of `steps` eager decode steps (torch.profiler),
+    summed by kernel name, per step. Kernel time only: the gaps between kernels are the difference
+    to the CUDA-graph step time above."""
+    from torch.profiler import ProfilerActivity, profile
+    caches = model.new_caches(1, a.context + steps + 64, max_step=a.context)
+    tok = model(ctx, caches, last_only=True).argmax(-1).view(1, 1)
+    model.decode_step(tok, caches)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = model.decode_step(tok, caches)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    by_name = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            t, n = by_name.get(ev.name, (0.0, 0))
+            by_name[ev.name] = (t + ev.device_time, n + 1)
+    total = sum(t for t, _ in by_name.values()) / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]
+    rows = [[name[:90], f"{t / steps:.1f}", f"{n / steps:.0f}", f"{t / steps / total:.2f}"] for name, (t, n) in top]
+    print_table(f"decode step kernels (eager, {steps} steps profiled): {total:.0f} us of kernel time per token, "
+                f"{sum(n for _, n in by_name.values()) / steps:.0f} kernels per token",
+                ["kernel", "us / token", "launches / token", "share"], rows)
 
 
 def main():

@@ -193,12 +193,17 @@ def test_swiglu_matches_oracle(shape, dtype, limit):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_swiglu_backward_matches_oracle(dtype):
     h = (torch.randn(9, 130) * 6).to(dtype)
-    h[0, :4] = torch.tensor([7.0, 7.0, -7.0, 8.0]).to(dtype)  # exactly at the limits: the gradient passes
+    h[0, :4] = torch.tensor([7.0, 7.0, -7.0, 8.0]).to(dtype)  # glu and lin exactly at +limit, glu at -limit
     g = torch.randn(9, 65).to(dtype)
     got = C.swiglu_backward(g.to(DEV), h.to(DEV), ALPHA, LIMIT)
     hr = h.double().requires_grad_()
     reference.swiglu(hr, ALPHA, LIMIT).backward(g.double())
-    _close_to_oracle(got, hr.grad, dtype, scale=2)
+    # The op's contract (moe_math.h): an input exactly at a clamp bound gets gradient 0, as
+    # torch.clamp's backward gives in torch 2.14; torch 2.11's passed it, so the oracle is pinned here.
+    expect = hr.grad.clone()
+    expect[0, 0] = expect[0, 1] = 0
+    assert got[0, 2].item() != 0  # glu = -limit is not clamped (glu is clamped above only)
+    _close_to_oracle(got, expect, dtype, scale=2)
 
 
 def test_swiglu_unaligned_and_noncontiguous():
@@ -501,7 +506,7 @@ def _combine_oracle(y, order, weights, k):
     inv = torch.empty_like(order)
     inv[order.long()] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
     T = weights.shape[0]
-    rows = y.double()[inv.long()].view(T, k, -1)
+    rows = y.double()[inv.long()].view(T, k, y.shape[-1])
     return (rows * weights.double().unsqueeze(-1)).sum(1)
 
 
@@ -561,6 +566,7 @@ def test_dequantize_every_byte_and_scale_bit_exact(dtype):
 def test_quantize_matches_oracle(dtype):
     w = torch.randn(64, 320) * torch.logspace(-30, 30, 64).unsqueeze(-1)
     w = w.to(dtype)
+    w = torch.where(w.isfinite(), w, torch.zeros_like(w))  # float16 overflows above 65504
     w[0, :32] = 0  # all-zero block
     w[1, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25] * 4).to(dtype)  # exact ties
     w[2, :32] = torch.tensor([6.0] + [0.0] * 31).to(dtype)
@@ -622,7 +628,7 @@ def test_moe_mlp_grads_match_cpu(dtype):
     g = torch.randn(T, d).to(dtype)
     outs, grads = [], []
     for dev in ("cpu", DEV):
-        inp = [t.to(dev).requires_grad_() for t in [x] + params]
+        inp = [t.detach().to(dev).requires_grad_() for t in [x] + params]
         out = ops.moe_mlp(*inp, k=4)
         out.backward(g.to(dev))
         outs.append(out)
@@ -649,10 +655,11 @@ def test_moe_mlp_mxfp4_real_size_matches_reference(T):
         tok, slot = torch.nonzero(experts == e, as_tuple=True)
         w1 = reference.mxfp4_dequantize(bl1[e], sc1[e], torch.float64)
         w2 = reference.mxfp4_dequantize(bl2[e], sc2[e], torch.float64)
-        a = reference.swiglu(x[tok].double() @ w1.t() + b1[e].double(), ALPHA, LIMIT)
-        y = a @ w2.t() + b2[e].double()
+        # the kernels' rounding points: the activation and each expert's output y are stored in bf16
+        a = reference.swiglu(x[tok].double() @ w1.t() + b1[e].double(), ALPHA, LIMIT).bfloat16().double()
+        y = (a @ w2.t() + b2[e].double()).bfloat16().double()
         expect.index_add_(0, tok, y * weights[tok, slot].double().unsqueeze(-1))
-    # bf16 rounding of the intermediate activation and of y before the combine: a few output ulps
+    # left: float32 accumulation order, an activation that rounds to the other bf16 neighbour
     assert_close(out, expect, torch.bfloat16, scale=4)
 
 

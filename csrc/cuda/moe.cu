@@ -320,13 +320,13 @@ __global__ void __launch_bounds__(256)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t v = tid; v < nvec; v += stride) {
-    const V h0 = reinterpret_cast<const V*>(h)[2 * v], h1 = reinterpret_cast<const V*>(h)[2 * v + 1];
+    const V hv[2] = {reinterpret_cast<const V*>(h)[2 * v], reinterpret_cast<const V*>(h)[2 * v + 1]};
     V o;
 #pragma unroll
     for (int e = 0; e < VW; ++e) {
-      const T glu = 2 * e < VW ? h0.v[2 * e] : h1.v[2 * e - VW];
-      const T lin = 2 * e < VW ? h0.v[2 * e + 1] : h1.v[2 * e + 1 - VW];
-      o.v[e] = static_cast<T>(swiglu_fwd<A>(static_cast<A>(glu), static_cast<A>(lin), alpha, limit));
+      const int i0 = 2 * e, i1 = 2 * e + 1;  // positions in the 2*VW inputs (VW = 1: one in each vector)
+      o.v[e] = static_cast<T>(swiglu_fwd<A>(static_cast<A>(hv[i0 / VW].v[i0 % VW]),
+                                            static_cast<A>(hv[i1 / VW].v[i1 % VW]), alpha, limit));
     }
     reinterpret_cast<V*>(out)[v] = o;
   }

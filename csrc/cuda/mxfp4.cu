@@ -6,8 +6,9 @@
 // and 1; bfloat16 takes the float's top half (exact: every value has <= 2 significant bits), half
 // rounds the exact float once.
 // Quantize: one thread per 32-element block, decisions made in float64 on the exactly converted
-// input (the same decisions as the reference's float32 arithmetic, which is exact there, and
-// immune to -ftz). A block with a non-finite element cannot raise on the device (the CPU kernel
+// input (the same decisions as the reference's float32 arithmetic, which is exact there). The
+// float -> double conversion goes through the bits for subnormal floats: under --use_fast_math
+// (-ftz=true) cvt.f64.f32 flushes a subnormal input to 0. A block with a non-finite element cannot raise on the device (the CPU kernel
 // raises): it gets scale byte 255, which no finite block produces, and its elements are encoded
 // at scale 2^127 (inf saturates to +-6, NaN becomes +0).
 #include <ATen/Dispatch.h>
@@ -65,6 +66,23 @@ __device__ __forceinline__ uint32_t e2m1_nibble(double y) {
   return idx + ((y < 0 && idx > 0) ? 8u : 0u);
 }
 
+// x as a double, exactly, also for a subnormal float (which cvt.ftz.f64.f32 would flush to 0).
+__device__ __forceinline__ double exact_double(float x) {
+  const uint32_t b = __float_as_uint(x);
+  if ((b & 0x7f800000u) != 0) return static_cast<double>(x);  // normal, inf, NaN: not flushed
+  const double mag = static_cast<double>(b & 0x7fffffu) * 0x1p-149;  // 0 or subnormal: mantissa * 2^-149
+  return (b >> 31) ? -mag : mag;
+}
+
+template <typename T>
+__device__ __forceinline__ double block_value(T v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return exact_double(static_cast<float>(v));  // bf16 -> float and half -> float are exact
+  }
+}
+
 // One thread per block of 32 elements: w [n_blocks, 32] -> blocks [n_blocks, 16], scales [n_blocks].
 template <typename T>
 __global__ void __launch_bounds__(256)
@@ -76,7 +94,7 @@ __global__ void __launch_bounds__(256)
     double amax = 0;
     bool finite = true;
     for (int j = 0; j < 32; ++j) {
-      const double v = static_cast<double>(src[j]);
+      const double v = block_value(src[j]);
       finite = finite && isfinite(v);
       amax = fmax(amax, fabs(v));
     }
@@ -96,7 +114,7 @@ __global__ void __launch_bounds__(256)
     for (int q = 0; q < 4; ++q) {
       uint32_t word = 0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) word |= e2m1_nibble(static_cast<double>(src[8 * q + j]) * inv) << (4 * j);
+      for (int j = 0; j < 8; ++j) word |= e2m1_nibble(block_value(src[8 * q + j]) * inv) << (4 * j);
       words[q] = word;
     }
     reinterpret_cast<uint4*>(blocks)[bi] = make_uint4(words[0], words[1], words[2], words[3]);
