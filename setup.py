@@ -13,6 +13,7 @@ Environment:
 import glob
 import json
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -56,6 +57,35 @@ def want_cuda() -> bool:
     return possible
 
 
+def libstdcxx_link_args():
+    """["-L<dir>"] with a libstdc++.so link when the compiler finds only the static libstdc++.a (an
+    image without the libstdc++ development link): a static copy inside _C keeps its own locale
+    tables, and formatting a number in an error message then crashes the process."""
+    cxx = os.environ.get("CXX", "c++")
+
+    def find(name):
+        try:
+            out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out if os.path.isabs(out) and os.path.exists(out) else None
+
+    if find("libstdc++.so"):
+        return []
+    runtime = find("libstdc++.so.6") or next(
+        (p for p in ("/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/lib64/libstdc++.so.6") if os.path.exists(p)), None)
+    if runtime is None:
+        return []
+    d = os.path.join(HERE, "build", "libstdcxx-link")
+    os.makedirs(d, exist_ok=True)
+    link = os.path.join(d, "libstdc++.so")
+    if not os.path.lexists(link):
+        os.symlink(os.path.realpath(runtime), link)
+    print(f"gptoss_ext: {cxx} has no libstdc++.so link: linking {os.path.realpath(runtime)} through {d}")
+    return ["-L" + d]
+
+
 with_cuda = want_cuda()
 isa = os.environ.get("GPTOSS_EXT_CPU_ISA") or detect_cpu_isa()
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -83,7 +113,7 @@ ext = ext_cls(
     include_dirs=[os.path.join(HERE, "csrc")] + nvidia_inc,
     define_macros=define_macros,
     extra_compile_args=extra_compile_args,
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp"] + libstdcxx_link_args(),
 )
 
 # Read before _C is loaded, so that a module built for AVX-512 refuses to load (with a message)
