@@ -162,7 +162,9 @@ struct GvRaw {
 // half r: mma (q, r) takes virtual k {2t, 2t+1} <- real {8q + 4r, +1} and {2t+8, 2t+9} <- {8q + 4r + 2,
 // +3} of block b. A (weights): a0/a2 = row ma pairs, a1/a3 = row mb pairs; B (tokens): b0/b1 = the
 // same pairs of token g's row. Every lane with the same t uses the same real k, so A and B agree.
-template <int NT, bool FUSED>
+// S: the steps of weight loads a lane has in flight (the math of step s runs while steps s + 1 ..
+// s + S - 1 are being fetched); the arithmetic, and so the result, does not depend on S.
+template <int NT, bool FUSED, int S>
 __global__ void __launch_bounds__(kGvWarps * 32, 4)
     mxfp4_gemv_kernel(const GemmParams<Bf16, float> p, const uint8_t* __restrict__ blocks,
                       const uint8_t* __restrict__ scales, int kc, int rs) {
@@ -189,25 +191,6 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
         for (int c = 0; c < 4; ++c) acc[n][c] = 0.f;
 
       for (int64_t kc0 = 0; kc0 < K; kc0 += kc) {
-        __syncthreads();  // previous chunk's readers are done
-        const int cpr = kc / 8;  // 16-byte chunks per staged row
-        for (int q = tid; q < TOK * cpr; q += blockDim.x) {
-          const int tok = q / cpr, c = q - tok * cpr;
-          const int blk = c >> 2, wq = c & 3;
-          const int64_t k = kc0 + 8 * static_cast<int64_t>(c);
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (tok0 + tok < cnt) {
-            const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
-            if (src < 0) {
-              v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
-            } else if (k < K) {
-              v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
-            }
-          }
-          *reinterpret_cast<uint4*>(xs + tok * rs + (blk * 4 + (wq ^ ((blk >> 1) & 1))) * 16) = v;
-        }
-        __syncthreads();
-
         const int steps = static_cast<int>(ceil_div_dev(min(static_cast<int64_t>(kc), K - kc0), 128));
         const int64_t kb0 = kc0 / 32 + t4;  // this lane's block at step 0
         auto load_step = [&](int s) {
@@ -227,9 +210,33 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
           }
           return r;
         };
-        GvRaw r0 = load_step(0), r1 = load_step(1);
-        for (int s = 0; s < steps; ++s) {
-          const GvRaw r2 = load_step(s + 2);  // two steps in flight ahead of the math
+        // The first S - 1 steps' weights are requested before the tokens are staged (they land in
+        // registers, which the barriers below do not order), so their latency overlaps the staging.
+        GvRaw r[S];
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) r[i] = load_step(i);
+
+        __syncthreads();  // previous chunk's readers are done
+        const int cpr = kc / 8;  // 16-byte chunks per staged row
+        for (int q = tid; q < TOK * cpr; q += blockDim.x) {
+          const int tok = q / cpr, c = q - tok * cpr;
+          const int blk = c >> 2, wq = c & 3;
+          const int64_t k = kc0 + 8 * static_cast<int64_t>(c);
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (tok0 + tok < cnt) {
+            const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
+            if (src < 0) {
+              v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
+            } else if (k < K) {
+              v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
+            }
+          }
+          *reinterpret_cast<uint4*>(xs + tok * rs + (blk * 4 + (wq ^ ((blk >> 1) & 1))) * 16) = v;
+        }
+        __syncthreads();
+
+        // Step s: decode the lane's two weight blocks and multiply them with the staged tokens.
+        auto consume = [&](const GvRaw& r0, int s) {
           uint32_t wa[4][4], wb[4][4];  // [word q][pair]
           const uint32_t s2a = bf16x2_scale(r0.sa), s2b = bf16x2_scale(r0.sb);
           decode8_bf16(r0.a.x, s2a, wa[0]);
@@ -257,8 +264,16 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
               mma_16816<Bf16>(acc[n], a1, b1[0], b1[1]);
             }
           }
-          r0 = r1;
-          r1 = r2;
+        };
+        // Step s sits in slot s % S. At step s the request for step s + S - 1 goes into the slot
+        // that step s - 1 has just freed; u is unrolled, so every slot index is a constant
+        // (registers, no local memory). Requests past the last step fetch nothing (load_step).
+        for (int s0 = 0; s0 < steps; s0 += S) {
+#pragma unroll
+          for (int u = 0; u < S; ++u) {
+            r[(u + S - 1) % S] = load_step(s0 + u + S - 1);
+            if (s0 + u < steps) consume(r[u], s0 + u);  // block-uniform
+          }
         }
       }
 
@@ -325,9 +340,11 @@ void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const 
     kernel<<<grid, kGvWarps * 32, sm.bytes, stream>>>(p, blocks, scales, sm.kc, sm.rs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (nt == 1) fused ? run(mxfp4_gemv_kernel<1, true>) : run(mxfp4_gemv_kernel<1, false>);
-  else if (nt == 2) fused ? run(mxfp4_gemv_kernel<2, true>) : run(mxfp4_gemv_kernel<2, false>);
-  else fused ? run(mxfp4_gemv_kernel<4, true>) : run(mxfp4_gemv_kernel<4, false>);
+  // S: weight steps in flight per lane (S - 1 requested ahead of the math). One token group
+  // (T <= 8 per expert, decode) leaves the SMs few warps: the bytes in flight set the bandwidth.
+  if (nt == 1) fused ? run(mxfp4_gemv_kernel<1, true, 5>) : run(mxfp4_gemv_kernel<1, false, 5>);
+  else if (nt == 2) fused ? run(mxfp4_gemv_kernel<2, true, 3>) : run(mxfp4_gemv_kernel<2, false, 3>);
+  else fused ? run(mxfp4_gemv_kernel<4, true, 3>) : run(mxfp4_gemv_kernel<4, false, 3>);
 }
 
 // The decode (GEMV) kernel for up to this many grouped rows per expert on average.
