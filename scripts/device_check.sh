@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check (H100/H200; Python 3.12, torch 2.11+cu130, nvcc 13, no network), in phases run in
 # this order (by value per device second):
-#   build     build with CUDA for sm_90, import, SASS check                      (~1-2 min on 16 cores)
+#   build     build with CUDA for sm_90, import, SASS check                      (~70 s on 16 cores)
 #   tests     the CUDA tests (-k cuda: CUDA-vs-CPU parity of every op, the CUDA model tests with
-#             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~2 min)
-#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph (~2 min)
-#   bench     GPU benchmarks: rms_norm, rope, attention, MoE                     (~5 min)
-#   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~3 min)
-# `scripts/device_check.sh` runs them all; `scripts/device_check.sh build tests` runs those. The
+#             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~70 s)
+#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph, with a
+#             kernel profile of the step; the demo (CUDA vs CPU logits)          (~1 min)
+#   bench     GPU benchmarks: rms_norm, rope, attention, MoE                     (~1 min)
+#   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~40 s)
+#   profile   Nsight Compute on the decode GEMV (not in the default set; ~1 min)
+# Measured on an H100 (2026-11-26): build..sanitize took 243 s in all.
+# `scripts/device_check.sh` runs build..sanitize; `scripts/device_check.sh build tests` runs those. The
 # build stays on a warm machine between calls. DEADLINE_S=N (seconds from the start) shortens or
 # skips the steps that would run past it, so one call can take what fits and say what it skipped.
 # Writes $OUT/summary.txt and one log, $OUT/log.txt (the device tool returns at most 8 files).
@@ -71,6 +74,7 @@ if has model; then
   # gpt-oss-20b decode at batch 1 (random MXFP4 weights, ~13 GB of GPU memory), eager and CUDA
   # graph, vs the bandwidth floor. (CUDA graph == eager is tested in the tests phase.)
   step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
+  step demo_cuda 180 $PY -m gptoss.demo  # `make demo`'s job; compares CUDA and CPU logits on a GPU
 fi
 if has bench; then
   # rms_norm and rope vs eager; attention: prefill TFLOP/s vs SDPA flash up to T=8192, backward,
@@ -90,6 +94,13 @@ if has sanitize; then
     step "memcheck_$n" 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$s"
     step "racecheck_$n" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$s"
   done
+fi
+if has profile; then
+  # Nsight Compute on the first two MXFP4 GEMV launches of the kernel benchmark (T = 1: mlp1, mlp2):
+  # speed of light, occupancy, memory and warp-stall sections, for tuning the decode GEMV.
+  step ncu_mxfp4_gemv 240 ncu --target-processes all -k regex:mxfp4_gemv --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+    $PY scripts/cuda_smoke_moe.py --bench
 fi
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 cat "$SUMMARY"
