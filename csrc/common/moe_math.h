@@ -29,7 +29,7 @@ GPTOSS_HD T swiglu_fwd(T glu, T lin, T alpha, T limit) {
 
 // Gradients of swiglu_fwd w.r.t. glu and lin, given the output gradient dy. A clamped input has
 // zero gradient: glu >= limit, lin >= limit or lin <= -limit (at exactly +-limit the gradient is
-// 0, as torch.clamp's backward gives).
+// 0, as torch.clamp's backward gives in torch 2.14; torch 2.11's passed it there).
 // d/dg [g * s(a g)] = s + a g s (1 - s), s = sigmoid(a g).
 template <typename T>
 GPTOSS_HD void swiglu_bwd(T glu, T lin, T alpha, T limit, T dy, T* dglu, T* dlin) {
