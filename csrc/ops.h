@@ -96,6 +96,8 @@ void check_moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
 void check_mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales, c10::ScalarType dtype);
 // mxfp4_quantize(w [..., N] float, N % 32 == 0)
 void check_mxfp4_quantize(const at::Tensor& w);
+// linear(x [..., K] float, weight [N, K] x's dtype, bias [N] x's dtype or None), same device
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 // Accumulation dtype of a float dtype: float64 for float64, else float32.
 inline c10::ScalarType acc_dtype(c10::ScalarType t) {

@@ -10,6 +10,9 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // grad_x like x; grad_scale [d] in scale's dtype.
   m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor rstd)"
         " -> (Tensor grad_x, Tensor grad_scale)");
+  // Dense projection y = x W^T + b (the qkv, out, router and unembedding projections, spec §2).
+  // x [..., K]; weight [N, K] row-major; bias [N] or None; all one dtype; y [..., N] in x's dtype.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Half-split RoPE (spec §2.3). x [B, T, H, D] or [T, H, D]; cos, sin [T, D/2] or [B, T, D/2]
   // (already multiplied by the YaRN concentration). The backward is apply_rope(grad, cos, -sin).
   m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");

@@ -52,6 +52,43 @@ def _rms_norm_backward(ctx, grad_out, grad_rstd):
 torch.library.register_autograd("gptoss_ext::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
 
 
+# ------------------------------------------------------------------------ Dense projection (§2)
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x @ weight.T + bias, the model's dense projections (qkv, out, router, unembedding).
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None; one float dtype and device for all. Returns
+    [..., N] in x's dtype, contiguous. On the CPU, decode-shaped bfloat16 calls (at most 4 rows of
+    x, row-major weight, AVX512-BF16) run the extension's weight-streaming GEMV (float32 sums of
+    exact bfloat16 products); every other call, and CUDA, is the device's BLAS (at::linear).
+    Differentiable in x, weight and bias (the backward is plain matmuls).
+    """
+    return _ops.linear(x, weight, bias)
+
+
+@torch.library.register_fake("gptoss_ext::linear")
+def _linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = (grad_out @ weight) if ctx.needs_input_grad[0] else None
+    grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+torch.library.register_autograd("gptoss_ext::linear", _linear_backward, setup_context=_linear_setup)
+
+
 # -------------------------------------------------------------------------------- RoPE (§2.3)
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -515,7 +552,7 @@ def moe_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Tensor, mlp1_weight: Expe
     def dense(w):
         return w if isinstance(w, (tuple, list)) else w.to(dtype)
 
-    logits = torch.nn.functional.linear(x, gate_weight.to(dtype), gate_bias.to(dtype))
+    logits = linear(x, gate_weight.to(dtype), gate_bias.to(dtype))
     if isinstance(mlp1_weight, (tuple, list)) and isinstance(mlp2_weight, (tuple, list)):
         # the same op sequence as below in one call (fused for few tokens on the CPU)
         return _ops.moe_experts_mxfp4(x, logits, int(k), mlp1_weight[0], mlp1_weight[1], mlp1_bias.to(dtype),

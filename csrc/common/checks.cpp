@@ -471,4 +471,21 @@ void check_mxfp4_quantize(const at::Tensor& w) {
               ": w's last dim must be a multiple of 32 (the MXFP4 block size), got shape ", w.sizes());
 }
 
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_float(x, "linear", "x");
+  check_defined(weight, "linear", "weight");
+  TORCH_CHECK(x.dim() >= 1, "linear: x must be [..., K] with at least 1 dim, got a 0-D tensor");
+  check_dim(weight, 2, "linear", "weight", "[N, K]");
+  TORCH_CHECK(weight.size(1) == x.size(-1), "linear: weight must be [N, K] with K = x's last dim (", x.size(-1),
+              "), got shape ", weight.sizes());
+  check_same_dtype(x, weight, "linear", "x", "weight");
+  check_same_device(x, weight, "linear", "x", "weight");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "linear: bias must be [N] = [", weight.size(0),
+                "] (weight's rows), got shape ", bias->sizes());
+    check_same_dtype(x, *bias, "linear", "x", "bias");
+    check_same_device(x, *bias, "linear", "x", "bias");
+  }
+}
+
 }  // namespace gptoss

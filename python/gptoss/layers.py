@@ -1,8 +1,9 @@
 """The gpt-oss layers (spec §2), every hot op through gptoss_ext.ops. Parameter names equal the
 OpenAI checkpoint names (spec §3.1), so `Transformer.state_dict()` is an OpenAI-layout checkpoint.
 
-Dense projections (qkv, out, router, unembedding) are torch.nn.functional.linear (the BLAS GEMM
-of the device); RMSNorm, RoPE, attention and the MoE run on the extension's kernels.
+Dense projections (qkv, out, router, unembedding) are ops.linear (the extension's weight-streaming
+GEMV for decode-shaped bfloat16 calls on the CPU, the device's BLAS otherwise); RMSNorm, RoPE,
+attention and the MoE run on the extension's kernels.
 """
 import math
 from typing import Optional, Tuple
@@ -14,6 +15,13 @@ import gptoss_ext
 from gptoss_ext import ops
 
 from .config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and initialisation) whose forward is ops.linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -39,9 +47,9 @@ class AttentionBlock(nn.Module):
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device)
-        self.qkv = nn.Linear(cfg.hidden_size, hd * (hq + 2 * hkv), bias=True, dtype=dtype, device=device)
+        self.qkv = Linear(cfg.hidden_size, hd * (hq + 2 * hkv), bias=True, dtype=dtype, device=device)
         self.sinks = nn.Parameter(torch.empty(hq, dtype=torch.float32, device=device))
-        self.out = nn.Linear(hd * hq, cfg.hidden_size, bias=True, dtype=dtype, device=device)
+        self.out = Linear(hd * hq, cfg.hidden_size, bias=True, dtype=dtype, device=device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
         """x [B, T, d]; cos/sin [T, D/2] or [B, T, D/2] for the tokens' positions. Without a cache
@@ -88,7 +96,7 @@ class MLPBlock(nn.Module):
         self.cfg = cfg
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.norm = RMSNorm(d, cfg.rms_norm_eps, device=device)
-        self.gate = nn.Linear(d, e, bias=True, dtype=dtype, device=device)
+        self.gate = Linear(d, e, bias=True, dtype=dtype, device=device)
         if mxfp4:
             self.mlp1_weight = MXFP4Weight(e, 2 * i, d, device=device)
             self.mlp2_weight = MXFP4Weight(e, d, i, device=device)

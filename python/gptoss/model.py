@@ -11,7 +11,7 @@ import gptoss_ext
 
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import ModelConfig
-from .layers import MLPBlock, RMSNorm, TransformerBlock
+from .layers import Linear, MLPBlock, RMSNorm, TransformerBlock
 
 
 class Transformer(nn.Module):
@@ -23,7 +23,7 @@ class Transformer(nn.Module):
         self.block = nn.ModuleList([TransformerBlock(cfg, n, mxfp4=mxfp4, dtype=dtype, device=device)
                                     for n in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device)
-        self.unembedding = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+        self.unembedding = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
         self.rope = gptoss_ext.RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
                                                cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
 
