@@ -54,10 +54,11 @@ GPTOSS_LINEAR_TARGET inline void gemv_step(const at::BFloat16* x, int64_t K, con
   }
 }
 
-// y[m, n] for n in [n0, n1), m < M: x [M, K] (row stride K), w [N, K], y [M, ldy] float32.
+// y[m, n] for n in [n0, n1), m < M: x [M, K] (row stride K), w [N, K], y [M, ldy]; the float32
+// sum plus the bias is rounded to bfloat16 once.
 template <int M, int R>
 GPTOSS_LINEAR_TARGET void gemv_rows(const at::BFloat16* x, int64_t K, const at::BFloat16* w, int64_t n0, int64_t n1,
-                                    const at::BFloat16* bias, float* y, int64_t ldy) {
+                                    const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K % 32)) - 1);
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
@@ -71,26 +72,23 @@ GPTOSS_LINEAR_TARGET void gemv_rows(const at::BFloat16* x, int64_t K, const at::
     if (k < K) gemv_step<M, R, true>(x, K, wr, k, tail, acc);
     for (int r = 0; r < rows; ++r) {
       const float b = bias != nullptr ? static_cast<float>(bias[n + r]) : 0.f;
-      for (int m = 0; m < M; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
+      for (int m = 0; m < M; ++m) y[m * ldy + n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[m][r]) + b);
     }
   }
 }
 
 // y [M, N] bfloat16 = x [M, K] w^T + bias, M in [1, kMaxRows].
 void gemv_bf16(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N,
-               const at::BFloat16* bias, at::BFloat16* out) {
-  std::vector<float> acc(static_cast<size_t>(M * N));
+               const at::BFloat16* bias, at::BFloat16* y) {
   constexpr int64_t kRowsPerTask = 64;  // ~370 KB of weight per task at K = 2880
   at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * kRowsPerTask, n1 = std::min(N, t1 * kRowsPerTask);
     switch (M) {
-      case 1: gemv_rows<1, 4>(x, K, w, n0, n1, bias, acc.data(), N); break;
-      case 2: gemv_rows<2, 4>(x, K, w, n0, n1, bias, acc.data(), N); break;
-      case 3: gemv_rows<3, 4>(x, K, w, n0, n1, bias, acc.data(), N); break;
-      default: gemv_rows<4, 4>(x, K, w, n0, n1, bias, acc.data(), N); break;
+      case 1: gemv_rows<1, 4>(x, K, w, n0, n1, bias, y, N); break;
+      case 2: gemv_rows<2, 4>(x, K, w, n0, n1, bias, y, N); break;
+      case 3: gemv_rows<3, 4>(x, K, w, n0, n1, bias, y, N); break;
+      default: gemv_rows<4, 4>(x, K, w, n0, n1, bias, y, N); break;
     }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) out[m * N + n] = static_cast<at::BFloat16>(acc[m * N + n]);
   });
 }
 #endif
