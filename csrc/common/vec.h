@@ -8,6 +8,17 @@
 
 namespace gptoss::cpu {
 
+// True when this CPU has the AVX512-BF16 dot products (vdpbf16ps); asked once. Always false in a
+// build without the AVX-512 kernels.
+inline bool cpu_has_avx512_bf16() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kVecSize = fVec::size();
 

@@ -275,11 +275,6 @@ inline void load_transposed(const scalar_t* src, const scalar_t* src2, int64_t s
 // the same arithmetic class as converting to float and using FMAs), used when the CPU has them
 // and D % 32 == 0. K is moved, not converted: a tile is transposed in 32-bit units, kp[p * kBK + i]
 // holding the pair (k[i][2p], k[i][2p + 1]), half the shuffles of a float transpose.
-inline bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 // kp[p * kBK + i] = pair p of row(i) = tile_row(src, src2, stride, n1, i) (D bf16 values), i < n <= kBK,
 // p < D / 2; columns [n, round_up(n, 16)) are zeroed.
 inline void load_pairs_transposed(const c10::BFloat16* src, const c10::BFloat16* src2, int64_t stride, int64_t n1,

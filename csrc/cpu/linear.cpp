@@ -19,20 +19,16 @@
 #include <immintrin.h>
 #endif
 
+#include "common/vec.h"
 #include "ops.h"
 
 namespace gptoss::cpu {
 namespace {
 
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kMaxRows = 4;
 
-#if defined(CPU_CAPABILITY_AVX512)
 #define GPTOSS_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-bool cpu_has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 // acc[m][r] += x[m, k .. k+31] . w_r[k .. k+31] (LAST: only the K % 32 elements of the tail).
 template <int M, int R, bool LAST>
@@ -91,36 +87,31 @@ void gemv_bf16(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* 
     }
   });
 }
-#endif
 
 bool use_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const int64_t K = weight.size(1);
+  const int64_t K = weight.size(1), M = K > 0 ? x.numel() / K : 0;
   return cpu_has_avx512_bf16() && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
          (!bias.has_value() || !bias->defined() || bias->scalar_type() == at::kBFloat16) && weight.is_contiguous() &&
-         K > 0 && x.numel() / K >= 1 && x.numel() / K <= kMaxRows;
-#else
-  (void)x, (void)weight, (void)bias;
-  return false;
-#endif
+         M >= 1 && M <= kMaxRows;
 }
+#endif
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_linear(x, weight, bias);
-  if (!use_gemv(x, weight, bias)) return at::linear(x, weight, bias).contiguous();
 #if defined(CPU_CAPABILITY_AVX512)
-  const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / K;
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  gemv_bf16(xc.const_data_ptr<at::BFloat16>(), M, K, weight.const_data_ptr<at::BFloat16>(), N,
-            bc.defined() ? bc.const_data_ptr<at::BFloat16>() : nullptr, y.mutable_data_ptr<at::BFloat16>());
-  return y;
-#else
-  return at::Tensor();  // not reached: use_gemv is false
+  if (use_gemv(x, weight, bias)) {
+    const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / K;
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor bc = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    at::Tensor y = at::empty(shape, x.options());
+    gemv_bf16(xc.const_data_ptr<at::BFloat16>(), M, K, weight.const_data_ptr<at::BFloat16>(), N,
+              bc.defined() ? bc.const_data_ptr<at::BFloat16>() : nullptr, y.mutable_data_ptr<at::BFloat16>());
+    return y;
+  }
 #endif
+  return at::linear(x, weight, bias).contiguous();
 }
 
 }  // namespace

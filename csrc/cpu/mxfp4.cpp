@@ -305,12 +305,7 @@ GPTOSS_BF16_TARGET void direct_rows_bf16_any(int nr, const uint8_t* blocks, cons
   }
 }
 
-bool cpu_has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 #else
-bool cpu_has_avx512_bf16() { return false; }
 void direct_rows_bf16_any(int, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, const at::BFloat16*,
                           int64_t, float*, int64_t) {}
 #endif
