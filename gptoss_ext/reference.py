@@ -64,6 +64,20 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-5) -> Tensor:
     return (normed * scale.to(cd)).to(x.dtype)
 
 
+# ------------------------------------------------------------------- Dense projection (spec §2)
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T + bias computed in the compute dtype (float32; float64 for float64 x), rounded
+    once to x.dtype: the qkv, out, router and unembedding projections. x [..., K], weight [N, K],
+    bias [N] or None. Returns [..., N]."""
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear: weight must be [N, K] with K = x.shape[-1]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    cd = _compute_dtype(x.dtype)
+    y = torch.nn.functional.linear(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd))
+    return y.to(x.dtype)
+
+
 # ---------------------------------------------------------------------- RoPE with YaRN (spec §2.3)
 
 def yarn_low_high(head_dim: int = 64, rope_theta: float = 150000.0, rope_scaling_factor: float = 32.0,

@@ -1,6 +1,6 @@
-"""linear (the dense projections): the CPU kernel against the float64 oracle on decode shapes (the
-weight-streaming GEMV: bfloat16, at most 4 rows) and the rest (at::linear), gradients, opcheck,
-compile, bad input (CUDA vs CPU: test_linear_cuda.py)."""
+"""linear (the dense projections): the CPU kernel against the oracle (gptoss_ext.reference.linear
+in float64) on decode shapes (the weight-streaming GEMV: bfloat16, at most 4 rows) and the rest
+(at::linear), gradients, opcheck, compile, bad input (CUDA vs CPU: test_linear_cuda.py)."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
-from gptoss_ext import ops
+from gptoss_ext import ops, reference
 
 DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.float64]
 
@@ -21,7 +21,7 @@ def _case(M, N, K, dtype, bias=True, lead=()):
 
 
 def _oracle(x, w, b):
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
+    return reference.linear(x.double(), w.double(), None if b is None else b.double())
 
 
 # gpt-oss shapes (K = 2880 hidden, 4096 = 64 heads x 64) and awkward ones: K not a multiple of 32
@@ -123,3 +123,11 @@ def test_bad_input():
         ops.linear(x.int(), w, b)
     with pytest.raises(RuntimeError, match="linear: x must be \\[..., K\\]"):
         ops.linear(x[0, 0], w[:, :1], b)
+
+
+def test_reference_linear():
+    x, w, b = _case(3, 10, 50, torch.bfloat16)
+    expect = F.linear(x.float(), w.float(), b.float()).bfloat16()  # float32 math, one rounding
+    assert torch.equal(reference.linear(x, w, b), expect)
+    with pytest.raises(ValueError, match="linear: weight must be \\[N, K\\]"):
+        reference.linear(x, w[:, :49], b)
