@@ -6,7 +6,7 @@
 #             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~70 s)
 #   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph, with a
 #             kernel profile of the step; the demo (CUDA vs CPU logits)          (~1 min)
-#   bench     GPU benchmarks: rms_norm, rope, attention, MoE                     (~1 min)
+#   bench     GPU benchmarks: rms_norm, rope, attention, linear, MoE             (~1.5 min)
 #   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~40 s)
 #   profile   Nsight Compute on the decode GEMV (not in the default set; ~1 min)
 # Measured on an H100 (2026-11-26): build..sanitize took 243 s in all.
@@ -85,6 +85,7 @@ if has bench; then
     step "$(basename "$b" .py)_cuda" 120 $PY "$b" --device cuda
   done
   step bench_attention_cuda 150 $PY benchmarks/bench_attention.py --device cuda
+  step bench_linear_cuda 120 $PY benchmarks/bench_linear.py --device cuda
   step bench_moe_cuda 150 $PY benchmarks/bench_moe.py --device cuda
   step bench_moe_kernels_cuda 120 $PY scripts/cuda_smoke_moe.py --bench
 fi

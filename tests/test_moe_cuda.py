@@ -666,6 +666,38 @@ def test_moe_mlp_mxfp4_real_size_matches_reference(T):
     assert_close(out, expect, torch.bfloat16, scale=4)
 
 
+def _experts_mxfp4_by_ops(x, logits, k, bl1, sc1, b1, bl2, sc2, b2):
+    weights, experts = C.moe_route(logits, k)
+    order, row_token, offsets = C.moe_dispatch(experts, logits.shape[1])
+    a = C.moe_grouped_gemm_mxfp4(x, row_token, offsets, bl1, sc1, b1, True, ALPHA, LIMIT)
+    y = C.moe_grouped_gemm_mxfp4(a, None, offsets, bl2, sc2, b2, False, ALPHA, LIMIT)
+    return C.moe_combine(y, order, weights)
+
+
+# moe_experts_mxfp4's decode launches (routing, dispatch and schedule in one kernel, then two
+# GEMVs and the combine; bfloat16, T k <= 256) must equal the op sequence bit for bit, ties and
+# NaN logits included; T k = 260 and float32 run the op sequence itself.
+@pytest.mark.parametrize("T,E,k,d,I", [(1, 32, 4, 2880, 2880), (3, 32, 4, 64, 96), (64, 32, 4, 64, 32),
+                                       (65, 32, 4, 64, 32), (5, 128, 4, 96, 64), (2, 1024, 1, 32, 32),
+                                       (9, 8, 8, 32, 64)])
+def test_experts_mxfp4_decode_path_equals_op_sequence(T, E, k, d, I):
+    x = torch.randn(T, d, device=DEV).bfloat16()
+    logits = torch.randn(T, E, device=DEV).bfloat16()
+    if T >= 3:
+        logits[1] = 0.5  # all tied: the lowest ids win
+        logits[2, E // 2] = float("nan")
+    bl1, sc1 = _mxfp4_weight(E, 2 * I, d, 119, 122, DEV)
+    bl2, sc2 = _mxfp4_weight(E, d, I, 119, 122, DEV)
+    b1 = (torch.randn(E, 2 * I, device=DEV) * 0.1).bfloat16()
+    b2 = (torch.randn(E, d, device=DEV) * 0.1).bfloat16()
+    got = C.moe_experts_mxfp4(x, logits, k, bl1, sc1, b1, bl2, sc2, b2, ALPHA, LIMIT)
+    expect = _experts_mxfp4_by_ops(x, logits, k, bl1, sc1, b1, bl2, sc2, b2)
+    assert got.shape == (T, d) and got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), expect.isnan())
+    assert torch.equal(got.nan_to_num(), expect.nan_to_num())
+    assert got[0].isfinite().all()
+
+
 # ----------------------------------------------------------------------------- opcheck, errors
 
 def _opcheck_cases():
@@ -692,6 +724,11 @@ def _opcheck_cases():
         (C.moe_combine_backward.default, (torch.randn(6, 16, device=DEV), y.detach(), order, wts)),
         (C.mxfp4_dequantize.default, (blocks.to(DEV), scales.to(DEV), torch.bfloat16)),
         (C.mxfp4_quantize.default, (torch.randn(3, 64, device=DEV),)),
+        (C.moe_experts_mxfp4.default, (torch.randn(6, 32, device=DEV).bfloat16(),  # the decode launches
+                                       torch.randn(6, 4, device=DEV).bfloat16(), 2,
+                                       *_to(DEV, *_mxfp4_weight(4, 64, 32)), torch.randn(4, 64, device=DEV).bfloat16(),
+                                       *_to(DEV, *_mxfp4_weight(4, 32, 32)), torch.randn(4, 32, device=DEV).bfloat16(),
+                                       ALPHA, LIMIT)),
         (C.moe_experts_mxfp4.default, (torch.randn(6, 32, device=DEV), torch.randn(6, 4, device=DEV), 2,
                                        *_to(DEV, *_mxfp4_weight(4, 64, 32)), torch.randn(4, 64, device=DEV),
                                        *_to(DEV, *_mxfp4_weight(4, 32, 32)), torch.randn(4, 32, device=DEV),
@@ -699,7 +736,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck_cuda(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

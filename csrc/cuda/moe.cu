@@ -170,21 +170,15 @@ __device__ __forceinline__ bool route_before(A a, int ia, A b, int ib) {
   return ia < ib;
 }
 
-// One warp per token. logits [T, E] contiguous; weights [T, k] (accumulation dtype A), experts
-// [T, k] int32. Pick j is the first entry, in the order above, among the entries after pick j-1
-// (so no per-entry "taken" state; ties resolve exactly as the stable descending sort of the
-// reference). Pass j parks the picked logit in weights[t, j]; the softmax then replaces it.
+// The k picks and their softmax for one token, by one warp: row [E] logits; w [k] (accumulation
+// dtype A), ex [k] int32 (global or shared memory). Pick j is the first entry, in the order above,
+// among the entries after pick j-1 (so no per-entry "taken" state; ties resolve exactly as the
+// stable descending sort of the reference). Pass j parks the picked logit in w[j]; the softmax then
+// replaces it.
 template <typename T>
-__global__ void __launch_bounds__(kRouteWarps * 32)
-    moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int E, int k, acc_t<T>* __restrict__ weights,
-                     int32_t* __restrict__ experts) {
+__device__ __forceinline__ void route_token(const T* __restrict__ row, int E, int k, acc_t<T>* w, int32_t* ex) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
-  if (t >= n_tokens) return;  // whole warp
-  const T* row = logits + t * E;
-  A* w = weights + t * k;
-  int32_t* ex = experts + t * k;
   A prev_v = 0, top = 0;
   int prev_i = -1;
   for (int j = 0; j < k; ++j) {
@@ -223,6 +217,82 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
   __syncwarp();
   for (int j = lane; j < k; j += 32) w[j] = exp(w[j] - top) / sum;
+}
+
+// One warp per token. logits [T, E] contiguous; weights [T, k] (accumulation dtype A), experts
+// [T, k] int32.
+template <typename T>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+    moe_route_kernel(const T* __restrict__ logits, int64_t n_tokens, int E, int k, acc_t<T>* __restrict__ weights,
+                     int32_t* __restrict__ experts) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
+  if (t >= n_tokens) return;  // whole warp
+  route_token(logits + t * E, E, k, weights + t * k, experts + t * k);
+}
+
+// Routing, dispatch and the decode GEMV schedule of a few tokens in one block of kRouteWarps warps
+// (moe_decode_prep below): n = T k <= kPrepMaxSlots slots, E <= kPrepMaxExperts.
+//   1. route_token per token (warp-strided), experts into shared memory;
+//   2. histogram of the n expert ids (shared atomics), then warp 0 scans it: so = offsets [E+1]
+//      (exclusive prefix sum, so[E] = n) and tile_start [E+1] = number of non-empty experts before e
+//      (one GEMV "tile" per expert with rows, as make_schedule with bm >= n);
+//   3. slot i (expert e) goes to position so[e] + (number of earlier slots of expert e): the stable
+//      order of moe_dispatch. order[pos] = i, row_token[pos] = i / k, inv[i] = pos.
+template <typename T>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+    moe_decode_prep_kernel(const T* __restrict__ logits, int n_tokens, int E, int k, acc_t<T>* __restrict__ weights,
+                           int32_t* __restrict__ order, int32_t* __restrict__ row_token, int32_t* __restrict__ inv,
+                           int32_t* __restrict__ so, int32_t* __restrict__ tile_start) {
+  __shared__ int32_t key[kPrepMaxSlots];
+  __shared__ int32_t hist[kPrepMaxExperts + 1];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n = n_tokens * k;
+  for (int t = warp; t < n_tokens; t += kRouteWarps) route_token(logits + static_cast<int64_t>(t) * E, E, k,
+                                                                weights + static_cast<int64_t>(t) * k, key + t * k);
+  for (int e = tid; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < n; i += blockDim.x) atomicAdd(&hist[key[i]], 1);
+  __syncthreads();
+  if (warp == 0) {  // lane l scans experts [l * per, (l + 1) * per)
+    const int per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
+    int rows = 0, tiles = 0;
+    for (int e = e0; e < e1; ++e) {
+      rows += hist[e];
+      tiles += hist[e] > 0;
+    }
+    int rows_incl = rows, tiles_incl = tiles;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int r = __shfl_up_sync(kFull, rows_incl, off), c = __shfl_up_sync(kFull, tiles_incl, off);
+      if (lane >= off) {
+        rows_incl += r;
+        tiles_incl += c;
+      }
+    }
+    int r = rows_incl - rows, c = tiles_incl - tiles;
+    for (int e = e0; e < e1; ++e) {
+      const int h = hist[e];
+      so[e] = r;
+      tile_start[e] = c;
+      hist[e] = r;  // now the expert's first position
+      r += h;
+      c += h > 0;
+    }
+    if (lane == 31) {
+      so[E] = rows_incl;
+      tile_start[E] = tiles_incl;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < n; i += blockDim.x) {
+    const int e = key[i];
+    int rank = 0;
+    for (int j = 0; j < i; ++j) rank += key[j] == e;
+    const int pos = hist[e] + rank;
+    order[pos] = i;
+    row_token[pos] = i / k;
+    inv[i] = pos;
+  }
 }
 
 // One warp per token: dot = sum_j w_j g_j, then grad[t, e_j] += w_j (g_j - dot) in slot order by
@@ -555,19 +625,7 @@ at::Tensor moe_combine(const at::Tensor& y_in, const at::Tensor& order_in, const
   if (T == 0 || d == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor inv = inverse_order(order, stream);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_combine_cuda", [&] {
-    constexpr int VW = kVec16<scalar_t>;
-    const bool vec = d % VW == 0 && is_aligned(y.const_data_ptr(), 16) && is_aligned(out.const_data_ptr(), 16);
-    auto run = [&](auto vw) {
-      constexpr int W = decltype(vw)::value;
-      combine_kernel<scalar_t, W><<<elementwise_blocks(T * (d / W)), 256, 0, stream>>>(
-          y.const_data_ptr<scalar_t>(), inv.const_data_ptr<int32_t>(), w.const_data_ptr<acc_t<scalar_t>>(), T,
-          static_cast<int>(k), d, out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec) run(std::integral_constant<int, VW>{});
-    else run(std::integral_constant<int, 1>{});
-  });
+  launch_combine(y, inv.const_data_ptr<int32_t>(), w, out, stream);
   return out;
 }
 
@@ -610,6 +668,39 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& grad_o
 }
 
 }  // namespace
+
+void moe_decode_prep(const at::Tensor& logits, int64_t k, at::Tensor& weights, int32_t* order, int32_t* row_token,
+                     int32_t* inv, int32_t* so, int32_t* tile_start, cudaStream_t stream) {
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(T * k >= 1 && T * k <= kPrepMaxSlots && E <= kPrepMaxExperts && logits.is_contiguous(),
+              "moe_decode_prep: needs 1 <= T k <= ", kPrepMaxSlots, ", E <= ", kPrepMaxExperts,
+              " and contiguous logits, got T=", T, ", k=", k, ", E=", E);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_decode_prep", [&] {
+    moe_decode_prep_kernel<scalar_t><<<1, kRouteWarps * 32, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), static_cast<int>(T), static_cast<int>(E), static_cast<int>(k),
+        weights.mutable_data_ptr<acc_t<scalar_t>>(), order, row_token, inv, so, tile_start);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_combine(const at::Tensor& y, const int32_t* inv, const at::Tensor& w, at::Tensor& out,
+                    cudaStream_t stream) {
+  const int64_t T = w.size(0), k = w.size(1), d = y.size(1);
+  if (T == 0 || d == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_combine_cuda", [&] {
+    constexpr int VW = kVec16<scalar_t>;
+    const bool vec = d % VW == 0 && is_aligned(y.const_data_ptr(), 16) && is_aligned(out.const_data_ptr(), 16);
+    auto run = [&](auto vw) {
+      constexpr int W = decltype(vw)::value;
+      combine_kernel<scalar_t, W><<<elementwise_blocks(T * (d / W)), 256, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), inv, w.const_data_ptr<acc_t<scalar_t>>(), T, static_cast<int>(k), d,
+          out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) run(std::integral_constant<int, VW>{});
+    else run(std::integral_constant<int, 1>{});
+  });
+}
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("moe_route", &moe_route);

@@ -285,4 +285,20 @@ inline int64_t max_row_tiles(int64_t n_rows, int64_t num_experts, int64_t bm) {
 void counting_sort(const int32_t* keys, int64_t n, int64_t bins, int32_t* perm, int32_t* row_of, int64_t div,
                    int32_t* starts, const at::TensorOptions& int_opts, cudaStream_t stream);
 
+// ------------------------------------------------------------------ decode-sized MoE (moe.cu)
+
+// moe_decode_prep: the routing, dispatch and GEMV schedule of n = T k <= kPrepMaxSlots slots over
+// E <= kPrepMaxExperts experts in one launch (one block). logits [T, E] contiguous (T); writes
+// weights [T, k] (acc dtype), and int32 order [n], row_token [n], inv [n] (inv[order[p]] = p), so
+// [E+1] (offsets), tile_start [E+1] (one tile per non-empty expert): what moe_route, moe_dispatch,
+// the GEMV's make_schedule and moe_combine's inverse would produce, bit for bit.
+constexpr int kPrepMaxSlots = 256, kPrepMaxExperts = 1024;
+void moe_decode_prep(const at::Tensor& logits, int64_t k, at::Tensor& weights, int32_t* order, int32_t* row_token,
+                     int32_t* inv, int32_t* so, int32_t* tile_start, cudaStream_t stream);
+
+// moe_combine's kernel with a precomputed inverse permutation: out [T, d] = sum_j weights[t, j] *
+// y[inv[t k + j]] (y [N, d] contiguous, weights [T, k] in the acc dtype).
+void launch_combine(const at::Tensor& y, const int32_t* inv, const at::Tensor& weights, at::Tensor& out,
+                    cudaStream_t stream);
+
 }  // namespace gptoss::cuda

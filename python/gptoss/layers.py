@@ -59,11 +59,10 @@ class AttentionBlock(nn.Module):
         b, t, _ = x.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = self.qkv(self.norm(x))
-        q = qkv[..., : hq * hd].reshape(b, t, hq, hd)
-        k = qkv[..., hq * hd: (hq + hkv) * hd].reshape(b, t, hkv, hd)
+        # RoPE on the q and k heads in one call (one launch when decoding)
+        qk = ops.apply_rope(qkv[..., : (hq + hkv) * hd].reshape(b, t, hq + hkv, hd), cos, sin)
+        q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[..., (hq + hkv) * hd:].reshape(b, t, hkv, hd)
-        q = ops.apply_rope(q, cos, sin)
-        k = ops.apply_rope(k, cos, sin)
         if cache is None:
             o, _ = ops.attention(q, k, v, self.sinks, sm_scale=self.sm_scale, window=self.window)
         else:
