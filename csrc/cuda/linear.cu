@@ -108,7 +108,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < kRows; ++r) {
       const int64_t n = n0 + r;
       if (n >= N) break;
-      const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+      float b = 0.f;
+      if (bias != nullptr) {
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) b = __bfloat162float(bias[n]);
+        else b = __half2float(bias[n]);
+      }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         const float v = acc[m][r] + b;

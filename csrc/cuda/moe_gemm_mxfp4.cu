@@ -3,9 +3,9 @@
 // wider dtype.
 //
 // bfloat16 activations (16-byte aligned x and blocks, sm_80+), two regimes chosen from N / E:
-//   decode (N <= 32 E, a few rows per expert): mxfp4_gemv_kernel. Grid (M / 16 row slabs, active
-//     experts); the 4 warps of a CTA split K over the slab's 16 weight rows and stream their blocks
-//     with 16-byte loads (lane (g, t) reads block 4s + t of rows 2g and 2g+1 at step s), decode them in registers to
+//   decode (N <= 32 E, a few rows per expert): mxfp4_gemv_kernel. Grid (M / 64 row slabs, active
+//     experts); each warp owns 16 weight rows and streams their blocks with 16-byte loads (lane
+//     (g, t) reads block 4s + t of rows 2g and 2g+1 at step s), decodes them in registers to
 //     bfloat16 (exact: twice the E2M1 value from a prmt table, times 2^(scale-128)) and feeds them
 //     as the A operand of mma.sync m16n8k16 against up to 8 NT of the expert's tokens staged in
 //     shared memory (B operand). The k order inside an mma is permuted consistently for A and B
@@ -141,7 +141,7 @@ struct Mxfp4SimtB {
 // ------------------------------------------------------------------------------- decode: GEMV
 
 constexpr int kGvWarps = 4;
-constexpr int kGvRows = 16;  // weight rows per CTA; its warps split K
+constexpr int kGvRows = kGvWarps * 16;  // weight rows per CTA
 
 // Raw data of one step (4 blocks = 128 k) for a lane: block kb of weight rows ma and mb.
 struct GvRaw {
@@ -149,19 +149,14 @@ struct GvRaw {
   uint32_t sa, sb;
 };
 
-// Decode regime, bfloat16. Grid (ceil(M / 16), min(E, N, 65535)); y walks j = blockIdx.y,
+// Decode regime, bfloat16. Grid (ceil(M / 64), min(E, N, 65535)); y walks j = blockIdx.y,
 // + gridDim.y, ... over the experts with rows (tile_start built with one "tile" per non-empty
-// expert, so the j-th active expert is tile_expert(j)). Block 128 threads = 4 warps on the same 16
-// weight rows: lane (g, t4), g = lane / 4, owns rows m0 + 2g (= "ma", A rows g) and m0 + 2g + 1
-// ("mb", A rows g + 8); warp w takes the w-th quarter of each K chunk's steps, and the warps' fp32
-// partial sums meet in shared memory (red) before warp 0's epilogue. (One expert row block per CTA
-// and K split four ways: a decode launch has ~4x the CTAs of 64-row CTAs, enough warps per SM to
-// keep the weight stream in flight.)
+// expert, so the j-th active expert is tile_expert(j)). Block 128 threads = 4 warps; warp w owns
+// weight rows m0 + 16w + 2g (= "ma", A rows g) and m0 + 16w + 2g + 1 ("mb", A rows g + 8), g = lane / 4.
 // Tokens of the expert go in groups of 8 NT (n8 tiles of the mma); for each K chunk of kc elements
 // (a multiple of 128) their rows are staged as bfloat16 in shared memory: row stride rs bytes
 // (rs / 16 = 2 mod 8), 16-byte chunk c of block b at position 4b + ((c ^ (b >> 1)) & 1 | c & 2)
-// i.e. c ^ ((b >> 1) & 1), zero past K, NaN for a bad row_index. Rows past the expert's tokens are
-// not staged: they only feed mma columns (tokens) that the epilogue drops.
+// i.e. c ^ ((b >> 1) & 1), zero past K and past the expert's tokens, NaN for a bad row_index.
 //
 // mma mapping at step s, lane (g, t), block b = 4s + t, word q (elements 8q..8q+7 of the block),
 // half r: mma (q, r) takes virtual k {2t, 2t+1} <- real {8q + 4r, +1} and {2t+8, 2t+9} <- {8q + 4r + 2,
@@ -174,8 +169,7 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
     mxfp4_gemv_kernel(const GemmParams<Bf16, float> p, const uint8_t* __restrict__ blocks,
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
-  extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs], then red
-  float* red = reinterpret_cast<float*>(xs + TOK * rs);  // [kGvWarps - 1][NT][4][32]
+  extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   Bf16* out = static_cast<Bf16*>(p.out);
   const int active = p.tile_start[p.num_experts];
@@ -183,14 +177,13 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
     const int e = tile_expert(p.tile_start, p.num_experts, j);
     const int64_t lo = p.so[e], cnt = p.so[e + 1] - lo;
     const int64_t K = p.red, M = p.ncols, KB = K / 32;
-    const int64_t ma = static_cast<int64_t>(blockIdx.x) * kGvRows + 2 * g, mb = ma + 1;
+    const int64_t ma = static_cast<int64_t>(blockIdx.x) * kGvRows + warp * 16 + 2 * g, mb = ma + 1;
     const uint8_t* ba = ma < M ? blocks + (static_cast<int64_t>(e) * M + ma) * KB * 16 : nullptr;
     const uint8_t* bb = mb < M ? blocks + (static_cast<int64_t>(e) * M + mb) * KB * 16 : nullptr;
     const uint8_t* sa = ma < M ? scales + (static_cast<int64_t>(e) * M + ma) * KB : nullptr;
     const uint8_t* sb = mb < M ? scales + (static_cast<int64_t>(e) * M + mb) * KB : nullptr;
 
     for (int64_t tok0 = 0; tok0 < cnt; tok0 += TOK) {
-      const int ntok = static_cast<int>(min(static_cast<int64_t>(TOK), cnt - tok0));
       float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -199,16 +192,13 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
 
       for (int64_t kc0 = 0; kc0 < K; kc0 += kc) {
         const int steps = static_cast<int>(ceil_div_dev(min(static_cast<int64_t>(kc), K - kc0), 128));
-        // This warp's steps of the chunk: [s_lo, s_hi) (warp-uniform; may be empty).
-        const int per_warp = (steps + kGvWarps - 1) / kGvWarps;
-        const int s_lo = min(steps, warp * per_warp), s_hi = min(steps, s_lo + per_warp);
         const int64_t kb0 = kc0 / 32 + t4;  // this lane's block at step 0
         auto load_step = [&](int s) {
           GvRaw r;
           r.a = r.b = make_uint4(0u, 0u, 0u, 0u);
           r.sa = r.sb = 127u;
           const int64_t kbi = kb0 + 4 * s;
-          if (s < s_hi && kbi < KB) {
+          if (s < steps && kbi < KB) {
             if (ba != nullptr) {
               r.a = *reinterpret_cast<const uint4*>(ba + kbi * 16);
               r.sa = sa[kbi];
@@ -224,20 +214,22 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
         // registers, which the barriers below do not order), so their latency overlaps the staging.
         GvRaw r[S];
 #pragma unroll
-        for (int i = 0; i < S - 1; ++i) r[i] = load_step(s_lo + i);
+        for (int i = 0; i < S - 1; ++i) r[i] = load_step(i);
 
         __syncthreads();  // previous chunk's readers are done
         const int cpr = kc / 8;  // 16-byte chunks per staged row
-        for (int q = tid; q < ntok * cpr; q += blockDim.x) {
+        for (int q = tid; q < TOK * cpr; q += blockDim.x) {
           const int tok = q / cpr, c = q - tok * cpr;
           const int blk = c >> 2, wq = c & 3;
           const int64_t k = kc0 + 8 * static_cast<int64_t>(c);
           uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
-          if (src < 0) {
-            v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
-          } else if (k < K) {
-            v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
+          if (tok0 + tok < cnt) {
+            const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
+            if (src < 0) {
+              v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
+            } else if (k < K) {
+              v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
+            }
           }
           *reinterpret_cast<uint4*>(xs + tok * rs + (blk * 4 + (wq ^ ((blk >> 1) & 1))) * 16) = v;
         }
@@ -273,34 +265,17 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
             }
           }
         };
-        // Step s sits in slot (s - s_lo) % S. At step s the request for step s + S - 1 goes into
-        // the slot that step s - 1 has just freed; u is unrolled, so every slot index is a constant
-        // (registers, no local memory). Requests past s_hi fetch nothing (load_step).
-        for (int s0 = s_lo; s0 < s_hi; s0 += S) {
+        // Step s sits in slot s % S. At step s the request for step s + S - 1 goes into the slot
+        // that step s - 1 has just freed; u is unrolled, so every slot index is a constant
+        // (registers, no local memory). Requests past the last step fetch nothing (load_step).
+        for (int s0 = 0; s0 < steps; s0 += S) {
 #pragma unroll
           for (int u = 0; u < S; ++u) {
             r[(u + S - 1) % S] = load_step(s0 + u + S - 1);
-            if (s0 + u < s_hi) consume(r[u], s0 + u);  // warp-uniform
+            if (s0 + u < steps) consume(r[u], s0 + u);  // block-uniform
           }
         }
       }
-
-      // Sum the warps' partials: warps 1.. park theirs in red, warp 0 adds them. (red is rewritten
-      // only after the next chunk's first barrier, which warp 0 reaches after its epilogue.)
-      if (warp > 0) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) red[(((warp - 1) * NT + n) * 4 + c) * 32 + lane] = acc[n][c];
-      }
-      __syncthreads();
-      if (warp > 0) continue;  // warp-uniform; the loop's next barrier waits for warp 0
-#pragma unroll
-      for (int w = 1; w < kGvWarps; ++w)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[n][c] += red[(((w - 1) * NT + n) * 4 + c) * 32 + lane];
 
       // acc[n][c]: weight row (c < 2 ? ma : mb), token tok0 + 8n + 2 t4 + (c & 1).
       const Bf16* bias = p.bias != nullptr ? p.bias + static_cast<int64_t>(e) * M : nullptr;
@@ -337,23 +312,19 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
   }  // experts
 }
 
-// Shared-memory geometry of the GEMV: K chunk kc (a multiple of 128), row stride rs bytes, and the
-// total (token rows, then the warps' partial sums). At most 48 KB, so that four CTAs (the register
-// limit) fit on an SM; one chunk holds all of gpt-oss's K = 2880 for up to 8 tokens.
+// Shared-memory geometry of the GEMV: K chunk kc (a multiple of 128) and row stride rs bytes.
 struct GvSmem {
   int kc = 0, rs = 0, bytes = 0;
 };
 
-GvSmem gemv_smem(int64_t K, int nt) {
-  const int tok = 8 * nt;
-  const int64_t red = static_cast<int64_t>(kGvWarps - 1) * nt * 4 * 32 * sizeof(float);
-  const int64_t budget = std::min<int64_t>(48 * 1024, max_smem_optin()) - red;
+GvSmem gemv_smem(int64_t K, int tok) {
+  const int64_t budget = std::min<int64_t>(96 * 1024, max_smem_optin());
   const int64_t kround = ceil_div(K, 128) * 128;
   const int64_t kc = std::max<int64_t>(128, std::min<int64_t>(kround, ((budget / tok - 32) / 256) * 128));
   GvSmem s;
   s.kc = static_cast<int>(kc);
   s.rs = static_cast<int>(kc * 2 + 32);  // rs / 16 = 2 (mod 8): conflict-free 16-byte reads
-  s.bytes = static_cast<int>(tok * s.rs + red);
+  s.bytes = tok * s.rs;
   return s;
 }
 
@@ -361,7 +332,7 @@ void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const 
                  cudaStream_t stream) {
   const int64_t avg = ceil_div(p.n_rows, E);
   const int nt = avg <= 8 ? 1 : (avg <= 16 ? 2 : 4);
-  const GvSmem sm = gemv_smem(p.red, nt);
+  const GvSmem sm = gemv_smem(p.red, 8 * nt);
   const dim3 grid(grid_x(ceil_div(p.ncols, kGvRows), "moe_grouped_gemm_mxfp4"),
                   static_cast<unsigned>(std::min<int64_t>({E, p.n_rows, 65535})));
   auto run = [&](auto kernel) {
