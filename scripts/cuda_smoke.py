@@ -32,6 +32,11 @@ def main():
             ok &= check(f"rms_norm {shape} {dtype}", yc, y1, tol, tol)
             ok &= check(f"rms_norm grad_x {shape} {dtype}", xc.grad, x1.grad, 2 * tol, 2 * tol)
             ok &= check(f"rms_norm grad_scale {shape} {dtype}", wc.grad, w1.grad, 1e-3, 1e-3)
+        # linear: the GEMV kernel (<= 4 rows, bf16, K % 8 == 0; odd N) and cuBLAS (5 rows, K % 8 != 0)
+        for m, n, kk in ((1, 33, 264), (4, 7, 72), (5, 9, 64), (2, 5, 36)):
+            x, w, b = torch.randn(m, kk).to(dtype), torch.randn(n, kk).to(dtype), torch.randn(n).to(dtype)
+            ok &= check(f"linear [{m}, {kk}] x [{n}, {kk}] {dtype}", ops.linear(x.cuda(), w.cuda(), b.cuda()),
+                        ops.linear(x, w, b), 4 * tol, 4 * tol)
         rope = RotaryEmbedding()
         for shape in ((2, 7, 3, 64), (5, 8, 64)):
             x = torch.randn(shape).to(dtype)

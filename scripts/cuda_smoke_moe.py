@@ -8,6 +8,7 @@ bfloat16 prefill GEMM against cuBLAS on the same FLOPs, and the MXFP4 kernels in
 bytes per second (decode) and TFLOP/s (prefill).
 """
 import math
+import os
 import sys
 
 import torch
@@ -142,17 +143,41 @@ def main():
     E, M, K = 4, 40, 96
     blocks = torch.randint(0, 256, (E, M, K // 32, 16), dtype=torch.uint8)
     scales = torch.randint(118, 131, (E, M, K // 32), dtype=torch.uint8)
-    for dtype, T in ((torch.bfloat16, 5), (torch.bfloat16, 50), (torch.bfloat16, 150), (torch.float32, 9),
-                     (torch.float16, 9)):
+    for dtype, T, decode in ((torch.bfloat16, 5, "prmt"), (torch.bfloat16, 5, "shift"), (torch.bfloat16, 50, "prmt"),
+                             (torch.bfloat16, 50, "shift"), (torch.bfloat16, 150, "prmt"), (torch.float32, 9, "prmt"),
+                             (torch.float16, 9, "prmt")):
+        os.environ["GPTOSS_EXT_MXFP4_GEMV_DECODE"] = decode  # the GEMV's weight decode (T = 5, 50)
         experts = routing(T, E, 1)
         _, ri, offsets = dispatch_oracle(experts, E)
         x = torch.randn(T, K).to(dtype)
         b = torch.randn(E, M).to(dtype)
         for fused in (False, True):
             out = C.moe_grouped_gemm_mxfp4(*cuda(x, ri, offsets, blocks, scales, b), fused, ALPHA, LIMIT)
-            ok &= check(f"moe_grouped_gemm_mxfp4 T={T} fused={fused} {dtype}", out,
+            ok &= check(f"moe_grouped_gemm_mxfp4 T={T} fused={fused} {dtype} {decode}", out,
                         gemm_expect(x, ri, offsets, (blocks, scales), b, fused), 2 * tol[dtype] * 10,
                         2 * tol[dtype])
+    os.environ.pop("GPTOSS_EXT_MXFP4_GEMV_DECODE")
+
+    # moe_experts_mxfp4: the decode launches (bf16, T k <= 256: one prep block, two GEMVs, combine)
+    # against the op sequence, and T k = 260 (the op sequence itself) against the CPU kernel
+    E, d, I, k = 8, 64, 32, 4
+    b1, s1 = torch.randint(0, 256, (E, 2 * I, d // 32, 16), dtype=torch.uint8), torch.randint(
+        119, 123, (E, 2 * I, d // 32), dtype=torch.uint8)
+    b2, s2 = torch.randint(0, 256, (E, d, I // 32, 16), dtype=torch.uint8), torch.randint(
+        119, 123, (E, d, I // 32), dtype=torch.uint8)
+    bias1, bias2 = (torch.randn(E, 2 * I) * 0.1).bfloat16(), (torch.randn(E, d) * 0.1).bfloat16()
+    for T in (1, 3, 65):
+        x, logits = torch.randn(T, d).bfloat16(), torch.randn(T, E).bfloat16()
+        got = C.moe_experts_mxfp4(*cuda(x, logits), k, *cuda(b1, s1, bias1, b2, s2, bias2), ALPHA, LIMIT)
+        w, ex = C.moe_route(*cuda(logits), k)
+        order, row_token, offsets = C.moe_dispatch(ex, E)
+        a = C.moe_grouped_gemm_mxfp4(*cuda(x), row_token, offsets, *cuda(b1, s1, bias1), True, ALPHA, LIMIT)
+        y = C.moe_grouped_gemm_mxfp4(a, None, offsets, *cuda(b2, s2, bias2), False, ALPHA, LIMIT)
+        ok &= same(f"moe_experts_mxfp4 T={T} vs the op sequence", got, C.moe_combine(y, order, w))
+        if HAS_CPU:
+            cpu = C.moe_experts_mxfp4(x, logits, k, b1, s1, bias1, b2, s2, bias2, ALPHA, LIMIT)
+            ok &= check(f"moe_experts_mxfp4 T={T} vs CPU", got, cpu, 4 * tol[torch.bfloat16],
+                        4 * tol[torch.bfloat16])
 
     # combine
     for dtype in (torch.float32, torch.bfloat16):
@@ -234,11 +259,17 @@ def bench():
             fused = name == "mlp1"
             xin = torch.randn(T if fused else T * k, K, device="cuda").bfloat16()
             rin = ri if fused else None
-            ms = _time_ms(lambda: C.moe_grouped_gemm_mxfp4(xin, rin, offsets, blocks, scales, b, fused, ALPHA, LIMIT))
-            wbytes = active * M * (K // 2 + K // 32)
-            tflops = 2.0 * T * k * M * K / ms / 1e9
-            print(f"MXFP4 {name} T={T} ({active} experts): {ms:.3f} ms, {wbytes / ms / 1e6:.0f} GB/s of weights "
-                  f"({wbytes / ms / 1e6 / copy_gbs * 100:.0f}% of the copy bandwidth), {tflops:.1f} TFLOP/s")
+            # the GEMV's two weight decodes (GPTOSS_EXT_MXFP4_GEMV_DECODE) where the GEMV runs
+            for decode in (("prmt", "shift") if T <= 8 else ("prmt",)):
+                os.environ["GPTOSS_EXT_MXFP4_GEMV_DECODE"] = decode
+                ms = _time_ms(lambda: C.moe_grouped_gemm_mxfp4(xin, rin, offsets, blocks, scales, b, fused, ALPHA,
+                                                               LIMIT))
+                wbytes = active * M * (K // 2 + K // 32)
+                tflops = 2.0 * T * k * M * K / ms / 1e9
+                print(f"MXFP4 {name} T={T} ({active} experts, {decode} decode): {ms:.3f} ms, "
+                      f"{wbytes / ms / 1e6:.0f} GB/s of weights ({wbytes / ms / 1e6 / copy_gbs * 100:.0f}% of the "
+                      f"copy bandwidth), {tflops:.1f} TFLOP/s")
+            os.environ.pop("GPTOSS_EXT_MXFP4_GEMV_DECODE")
 
 
 if __name__ == "__main__":

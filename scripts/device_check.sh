@@ -74,6 +74,8 @@ if has model; then
   # gpt-oss-20b decode at batch 1 (random MXFP4 weights, ~13 GB of GPU memory), eager and CUDA
   # graph, vs the bandwidth floor. (CUDA graph == eager is tested in the tests phase.)
   step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
+  # the same with the decode GEMV's shift decode (GPTOSS_EXT_MXFP4_GEMV_DECODE; see moe_gemm_mxfp4.cu)
+  step bench_model_cuda_shift 240 env GPTOSS_EXT_MXFP4_GEMV_DECODE=shift $PY benchmarks/bench_model.py --device cuda
   step demo_cuda 180 $PY -m gptoss.demo  # `make demo`'s job; compares CUDA and CPU logits on a GPU
 fi
 if has bench; then
@@ -99,7 +101,8 @@ fi
 if has profile; then
   # Nsight Compute on the first two MXFP4 GEMV launches of the kernel benchmark (T = 1: mlp1, mlp2):
   # speed of light, occupancy, memory and warp-stall sections, for tuning the decode GEMV.
-  step ncu_mxfp4_gemv 240 ncu --target-processes all -k regex:mxfp4_gemv --launch-count 2 \
+  # --clock-control none: ncu otherwise locks the clocks to base for the profile (never change them).
+  step ncu_mxfp4_gemv 240 ncu --clock-control none --target-processes all -k regex:mxfp4_gemv --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
     $PY scripts/cuda_smoke_moe.py --bench
 fi

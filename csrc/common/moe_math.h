@@ -86,6 +86,19 @@ GPTOSS_HD float e8m0_half_scale(uint32_t s) {
 // subnormal scales and products (scale bytes <= 2 or so) into 0; a kernel that must match the CPU
 // there compiles without ftz (or assembles those values from bits).
 
+// Eight E2M1 nibbles (element i = bits 4i..4i+3) -> four bfloat16x2 words holding FP4_VALUES *
+// 2^-126 exactly, by bit placement alone: magnitude bits e1 e0 m go to bf16 bits 8..6 (exponent
+// field e, mantissa MSB m: 2^(e-127) (1 + m/2) for e > 0, and the subnormal m 2^-127 for e = 0),
+// the sign to bit 15. Pair order: out[j] = (element j, element j + 4), j = 0..3, element j in the
+// low half. 15 integer operations, no tables. Times 2^(s - 1) (a bfloat16 multiply, which keeps
+// subnormals) that is the MXFP4 value at scale byte s: a single factor for s <= 128, two beyond.
+GPTOSS_HD void mxfp4_decode8_pow126_bf16(uint32_t w, uint32_t (&out)[4]) {
+  out[0] = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
+  out[1] = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
+  out[2] = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
+  out[3] = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
+}
+
 // One decoded MXFP4 element: FP4_VALUES[nibble] * 2^(scale - 127), exact (see above).
 GPTOSS_HD float mxfp4_value(uint32_t nibble, uint32_t scale) {
   return e2m1_twice(nibble) * e8m0_half_scale(scale);
