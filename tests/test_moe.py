@@ -3,6 +3,9 @@ combine, the MXFP4 codec and the composed moe_mlp, against gptoss_ext.reference;
 opcheck, torch.compile, bad input, property tests."""
 import contextlib
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -913,3 +916,16 @@ def test_slow_prefill_dense_bf16():
     b1 = torch.randn(e, 2 * inter).bfloat16()
     a = ops.moe_grouped_gemm(x, offsets, w1, b1, row_token, fused_swiglu=True)
     assert_close(a, gemm_oracle(x, row_token, offsets, w1, b1, True), torch.bfloat16)
+
+
+def test_mxfp4_shift_decode_bits_on_host(tmp_path):
+    """The CUDA decode GEMV's shift decode (mxfp4_decode8_pow126_bf16, host/device code in
+    common/moe_math.h) checked on the CPU: tests/cpp/mxfp4_decode8_pow126.cpp, built with the C++
+    compiler that builds the extension, every nibble in every position and every scale byte."""
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "mxfp4_decode8_pow126"
+    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-O2", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "cpp" / "mxfp4_decode8_pow126.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "mismatches: 0" in out.stdout, out.stdout
