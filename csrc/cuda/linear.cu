@@ -22,6 +22,9 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <vector>
+
 #include "cuda/utils.cuh"
 #include "ops.h"
 
@@ -144,12 +147,20 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   }
 }
 
-// Reduced-precision split-K reductions off for one cuBLAS call (restored on exit). The setting is
-// process-wide; it is restored before the op returns.
+// Reduced-precision split-K reductions off for one cuBLAS call, restored on exit. The setting is
+// process-wide, so the calls that change it are serialized (two threads interleaving save and
+// restore would otherwise leave the user's setting changed).
+std::mutex& reduction_setting_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 class FullPrecisionReduction {
  public:
   FullPrecisionReduction()
-      : bf16_(at::globalContext().allowBF16ReductionCuBLAS()), fp16_(at::globalContext().allowFP16ReductionCuBLAS()) {
+      : lock_(reduction_setting_mutex()),
+        bf16_(at::globalContext().allowBF16ReductionCuBLAS()),
+        fp16_(at::globalContext().allowFP16ReductionCuBLAS()) {
     using O = at::CuBLASReductionOption;
     if (bf16_ == O::AllowReducedPrecisionWithSplitK) at::globalContext().setAllowBF16ReductionCuBLAS(false, true);
     if (fp16_ == O::AllowReducedPrecisionWithSplitK) at::globalContext().setAllowFP16ReductionCuBLAS(false, true);
@@ -163,6 +174,7 @@ class FullPrecisionReduction {
   FullPrecisionReduction& operator=(const FullPrecisionReduction&) = delete;
 
  private:
+  std::lock_guard<std::mutex> lock_;
   at::CuBLASReductionOption bf16_, fp16_;
 };
 
