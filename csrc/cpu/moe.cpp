@@ -141,10 +141,10 @@ template void route_rows<at::Half, float>(const at::Half*, float*, int32_t*, int
 
 namespace {
 
-// State shared with the helpers; a helper may outlive the call (it then only touches `next`).
+// State shared by the threads of one run_phased call.
 struct PhasedJob {
   std::vector<int64_t> ends;
-  const std::function<void(int64_t)>* body = nullptr;  // valid while a claimed task is unfinished
+  const std::function<void(int64_t)>* body = nullptr;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mu;
   std::exception_ptr error;
@@ -182,16 +182,16 @@ void work_phased(PhasedJob& job) {
 
 void run_phased(const std::vector<int64_t>& phase_ends, const std::function<void(int64_t)>& body) {
   if (phase_ends.empty() || phase_ends.back() <= 0) return;
-  auto job = std::make_shared<PhasedJob>();
-  job->ends = phase_ends;
-  job->body = &body;
+  PhasedJob job;
+  job.ends = phase_ends;
+  job.body = &body;
   const int64_t n = phase_ends.back();
-  const int64_t helpers =
-      at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) at::launch([job] { work_phased(*job); });
-  work_phased(*job);
-  wait_done(job->done, n);
-  if (job->error) std::rethrow_exception(job->error);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) work_phased(job);  // a second call finds no task left
+  });
+  wait_done(job.done, n);
+  if (job.error) std::rethrow_exception(job.error);
 }
 
 namespace {

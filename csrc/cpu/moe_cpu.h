@@ -65,14 +65,14 @@ void run_tasks(int64_t n, int64_t work, const MakeState& make_state, const Body&
   });
 }
 
-// Runs body(task) for tasks [0, phase_ends.back()) on the calling thread and up to
-// at::get_num_threads() - 1 helpers from ATen's inter-op pool, claimed dynamically in order. A task
-// of phase p (phase_ends[p-1] <= task < phase_ends[p]) starts only after every task of the earlier
-// phases has finished, so one call can hold several dependent steps. Returns when every task is
-// done and rethrows the first exception a task threw. Unlike an OpenMP region it never waits for a
-// thread that has not started: a helper that wakes late finds no task left and leaves, so on an
-// oversubscribed machine a descheduled thread costs at most the one task it holds. body must not
-// open parallel regions (helpers are not OpenMP threads).
+// Runs body(task) for tasks [0, phase_ends.back()) in one parallel region of ATen's intra-op
+// threads, claimed dynamically in order. A task of phase p (phase_ends[p-1] <= task < phase_ends[p])
+// starts only after every task of the earlier phases has finished, so one call can hold several
+// dependent steps (one region instead of one per step). Returns when every task is done and
+// rethrows the first exception a task threw. (The same threads as every other op's parallel_for: an
+// earlier version ran helpers from the inter-op pool, which on a 2-core machine competed with the
+// OpenMP workers still spinning after the previous op's region; the gpt-oss-20b decode's MoE then
+// ran no faster on 2 threads than on 1.) body must not open parallel regions.
 void run_phased(const std::vector<int64_t>& phase_ends, const std::function<void(int64_t)>& body);
 
 // Top-k then softmax over the k (moe_route's contract) for rows [0, tokens) of logits [tokens, e].
