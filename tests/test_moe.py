@@ -332,6 +332,29 @@ def test_grouped_gemm_mxfp4_matches_dequantized(t, e, k, kdim, m, dtype, fused):
     assert_close(y, gemm_oracle(x, row_token, offsets, w, b, fused), dtype, scale=2 if dtype == torch.float16 else 1)
 
 
+@pytest.mark.parametrize("scale_bytes,x_scale", [((2, 3, 4), 2.0 ** 60), ((250, 251, 252, 253, 254), 2.0 ** -60)])
+def test_grouped_gemm_mxfp4_tiled_edge_scales(scale_bytes, x_scale):
+    # bf16 rows, > 16 rows per expert: the tiled path, whose weight packing adds the scale to the
+    # bf16 exponent for scale bytes 2..252 and decodes through floats otherwise (253, 254 here; 0
+    # and 1 give bf16 subnormal weights, which AMX reads as zero). One scale byte per weight row, so
+    # each output has one scale factor; nibble magnitudes <= 1.5 keep every weight finite in bf16
+    # up to scale byte 254; x scaled so that every output stays a normal float32.
+    t, e, k, kdim, m = 80, 2, 1, 96, 40
+    _, _, row_token, offsets = grouping(t, e, k)
+    blocks, _ = random_mxfp4(e, m, kdim)
+    blocks &= 0xBB  # sign and the two low magnitude bits of each nibble: |value| <= 1.5
+    per_row = torch.tensor(scale_bytes, dtype=torch.uint8).repeat(m)[:m]
+    scales = per_row.view(1, m, 1).expand(e, m, kdim // 32).contiguous()
+    x = (torch.randn(t, kdim) * x_scale).bfloat16()
+    y = ops.moe_grouped_gemm(x, offsets, (blocks, scales), None, row_token)
+    w = reference.mxfp4_dequantize(blocks, scales, torch.float64)
+    expect = gemm_oracle(x, row_token, offsets, w, None, False)
+    assert torch.isfinite(expect).all()
+    # float32 sums of exact products, one bf16 rounding: error within a bf16 ulp of the row's size
+    size = x.double().abs()[row_token.long()] @ w.abs().amax(0).t()
+    assert ((y.double() - expect).abs() <= 2.0 ** -7 * size + 1e-300).all()
+
+
 def test_grouped_gemm_mxfp4_real_size_and_no_bias():
     t, e, kdim, m = 7, 32, 2880, 2 * 64
     _, _, row_token, offsets = grouping(t, e, 4)

@@ -326,7 +326,10 @@ void direct_rows_any(int nr, const uint8_t* blocks, const uint8_t* scales, int64
 
 // MXFP4 weight tile -> VNNI words (i, n) = bf16 pair (W[o0+n, 2i], W[o0+n, 2i+1]) = the decoded
 // byte i of row o0 + n. Decoded values are exact in bf16 (at most 2 significant bits, float's
-// exponent range), so the bf16 bits are the float's upper 16 bits.
+// exponent range), so the bf16 bits are the float's upper 16 bits. Scale bytes 2..252 (all of
+// gpt-oss): the doubled E2M1 values come as bf16 from one vpermw and the scale 2^(s - 128) is an
+// add to the exponent field of the nonzero ones (exponents stay within 1..254, so the result is
+// the exact product); other scale bytes (subnormal or overflowing products) go through floats.
 void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt,
                      uint32_t* vnni) {
   int64_t nb = 0;
@@ -334,6 +337,10 @@ void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, in
   const Tables& tb = tables();
   const __m512 lut = _mm512_load_ps(tb.twice);
   const __m512i low4 = _mm512_set1_epi32(15), high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  alignas(64) uint16_t lut16[32];
+  for (int i = 0; i < 32; ++i) lut16[i] = c10::BFloat16(tb.twice[i & 15]).x;
+  const __m512i lutw = _mm512_load_si512(lut16);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), magnitude = _mm512_set1_epi16(0x7FFF);
   __m512i r[16];
   for (; nb + 16 <= nt; nb += 16)
     for (int64_t b = 0; b < g; ++b) {
@@ -341,7 +348,16 @@ void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, in
         const int64_t row = o0 + nb + j;
         const __m512i v =
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (row * g + b) * 16)));
-        const __m512 sc = _mm512_set1_ps(tb.half_scale[scales[row * g + b]]);
+        const uint32_t s = scales[row * g + b];
+        if (s >= 2u && s <= 252u) {
+          // dword i = (byte i & 15) | (byte i >> 4) << 16: word 2i indexes element 2i, 2i+1 the next
+          const __m512i w = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8),
+                                                     lutw);
+          r[j] = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(w, magnitude), w,
+                                       _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(s) - 128) * 128)));
+          continue;
+        }
+        const __m512 sc = _mm512_set1_ps(tb.half_scale[s]);
         const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
         const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
         r[j] = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
