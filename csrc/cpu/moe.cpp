@@ -11,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <exception>
@@ -369,24 +370,6 @@ at::Tensor expert_rows(const at::Tensor& x, const Grouping& g, int64_t e) {
 // Weight rows per task of the ATen-GEMM path (float32, float16, float64, or no bf16 brgemm).
 constexpr int64_t kMmTile = 256;
 
-// Dense weight tile -> VNNI: word (i, n) = uint32 i of weight row o0 + n (its bf16 pair 2i, 2i+1).
-void pack_dense_tile(const at::BFloat16* w, int64_t k, int64_t o0, int64_t nt, uint32_t* vnni) {
-  const int64_t k2 = k / 2;
-  const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w) + o0 * k2;
-  int64_t nb = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512i r[16];
-  for (; nb + 16 <= nt; nb += 16)
-    for (int64_t ib = 0; ib < k2; ib += 16) {  // k2 % 16 == 0 (K % 32 == 0)
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(w32 + (nb + j) * k2 + ib);
-      transpose16x16_u32(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vnni + (ib + j) * nt + nb, r[j]);
-    }
-#endif
-  for (; nb < nt; ++nb)
-    for (int64_t i = 0; i < k2; ++i) vnni[i * nt + nb] = w32[nb * k2 + i];
-}
-
 }  // namespace
 
 std::vector<TileTask> make_tile_tasks(const std::vector<int64_t>& offsets, int64_t m, int64_t tile,
@@ -411,36 +394,68 @@ bool vnni_gemm_available() {
 }
 
 void grouped_gemm_vnni(const at::BFloat16* xg, int64_t k, const std::vector<int64_t>& offsets, int64_t m,
-                       const std::vector<TileTask>& tasks, const PackTile& pack, const float* bias, bool fused,
+                       const std::vector<TileTask>& tasks, const WeightRows& rows, const float* bias, bool fused,
                        float alpha, float limit, at::BFloat16* out) {
-  constexpr int64_t kRowBlock = 32;  // rows per brgemm call (cached kernels for 1..32 rows)
-  const int64_t ldo = fused ? m / 2 : m;
+  constexpr int64_t kRowBlock = 32;  // grouped rows per brgemm call (B columns; cached kernels for 1..32)
+  const int64_t ldo = fused ? m / 2 : m, k2 = k / 2, n_exp = static_cast<int64_t>(offsets.size()) - 1;
+  // B: each expert's grouped rows in blocks of kRowBlock, VNNI: dword (i, j) = bf16 pair (2i, 2i+1)
+  // of row j of the block, [k/2][kRowBlock] per block, zero past the expert's last row.
+  std::vector<int64_t> first_block(n_exp + 1, 0);
+  for (int64_t e = 0; e < n_exp; ++e)
+    first_block[e + 1] = first_block[e] + (offsets[e + 1] - offsets[e] + kRowBlock - 1) / kRowBlock;
+  std::vector<uint32_t> xv(static_cast<size_t>(first_block[n_exp] * k2 * kRowBlock));
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xg);
+  at::parallel_for(0, first_block[n_exp], 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t e = std::upper_bound(first_block.begin(), first_block.end(), blk) - first_block.begin() - 1;
+      const int64_t r0 = offsets[e] + (blk - first_block[e]) * kRowBlock;
+      const int64_t nr = std::min(kRowBlock, offsets[e + 1] - r0);
+      uint32_t* dst = xv.data() + blk * k2 * kRowBlock;
+      int64_t j0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      __m512i r[16];
+      for (; j0 + 16 <= nr; j0 += 16)
+        for (int64_t ib = 0; ib < k2; ib += 16) {  // k2 % 16 == 0 (K % 32 == 0)
+          for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(x32 + (r0 + j0 + j) * k2 + ib);
+          transpose16x16_u32(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (ib + j) * kRowBlock + j0, r[j]);
+        }
+#endif
+      for (int64_t i = 0; i < k2; ++i)
+        for (int64_t j = j0; j < kRowBlock; ++j) dst[i * kRowBlock + j] = j < nr ? x32[(r0 + j) * k2 + i] : 0u;
+    }
+  });
   struct Scratch {
-    std::vector<uint32_t> vnni;
-    std::vector<float> acc;
+    std::vector<at::BFloat16> w;
+    std::vector<float> acc, h;
     ~Scratch() { at::native::cpublas::brgemm_release(true); }
   };
   run_tasks(
       static_cast<int64_t>(tasks.size()), (offsets.back() - offsets.front()) * m * k,
       [&] {
         Scratch s;
-        s.vnni.resize(k / 2 * kVnniTile);
-        s.acc.resize(kRowBlock * kVnniTile);
+        s.w.resize(kVnniTile * k);
+        s.acc.resize(kVnniTile * kRowBlock);
+        s.h.resize(kVnniTile);
         return s;
       },
       [&](int64_t ti, Scratch& s) {
         const TileTask& t = tasks[ti];
-        pack(t.e, t.o0, t.nt, s.vnni.data());
+        const at::BFloat16* w = rows(t.e, t.o0, t.nt, s.w.data());
         const float* b = bias ? bias + t.e * m + t.o0 : nullptr;
-        for (int64_t r0 = offsets[t.e]; r0 < offsets[t.e + 1]; r0 += kRowBlock) {
-          const int64_t rows = std::min(kRowBlock, offsets[t.e + 1] - r0);
-          at::native::cpublas::brgemm(rows, t.nt, k, k, t.nt, t.nt, false, xg + r0 * k,
-                                      reinterpret_cast<const at::BFloat16*>(s.vnni.data()), s.acc.data(), true);
-          for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t blk = first_block[t.e]; blk < first_block[t.e + 1]; ++blk) {
+          const int64_t r0 = offsets[t.e] + (blk - first_block[t.e]) * kRowBlock;
+          const int64_t nr = std::min(kRowBlock, offsets[t.e + 1] - r0);
+          // acc [nt][kRowBlock]: acc[o][j] = weight row t.o0 + o . grouped row r0 + j
+          at::native::cpublas::brgemm(t.nt, nr, k, k, kRowBlock, kRowBlock, false, w,
+                                      reinterpret_cast<const at::BFloat16*>(xv.data() + blk * k2 * kRowBlock),
+                                      s.acc.data(), true);
+          for (int64_t j = 0; j < nr; ++j) {
+            for (int64_t o = 0; o < t.nt; ++o) s.h[o] = s.acc[o * kRowBlock + j];
             if (fused)
-              swiglu_row(s.acc.data() + r * t.nt, out + (r0 + r) * ldo + t.o0 / 2, t.nt / 2, alpha, limit, b);
+              swiglu_row(s.h.data(), out + (r0 + j) * ldo + t.o0 / 2, t.nt / 2, alpha, limit, b);
             else
-              bias_row(s.acc.data() + r * t.nt, out + (r0 + r) * ldo + t.o0, t.nt, b);
+              bias_row(s.h.data(), out + (r0 + j) * ldo + t.o0, t.nt, b);
           }
         }
       });
@@ -491,7 +506,7 @@ at::Tensor moe_grouped_gemm(const at::Tensor& x_in, const c10::optional<at::Tens
     const at::BFloat16* pw = weight.const_data_ptr<at::BFloat16>();
     grouped_gemm_vnni(
         xg.const_data_ptr<at::BFloat16>(), kdim, g.offsets, m, make_tile_tasks(g.offsets, m, kVnniTile),
-        [&](int64_t e, int64_t o0, int64_t nt, uint32_t* vnni) { pack_dense_tile(pw + e * m * kdim, kdim, o0, nt, vnni); },
+        [&](int64_t e, int64_t o0, int64_t, at::BFloat16*) { return pw + (e * m + o0) * kdim; },
         has_bias ? bias.const_data_ptr<float>() : nullptr, fused_swiglu, a, l, out.mutable_data_ptr<at::BFloat16>());
     return out;
   }

@@ -84,15 +84,17 @@ void route_rows(const TIn* logits, TAcc* weights, int32_t* experts, int64_t toke
 bool vnni_gemm_available();
 // Weight-row tile width of the VNNI path.
 constexpr int64_t kVnniTile = 64;
-// Fills vnni [K/2][nt] (uint32 word (i, n) = the bf16 pair (W[o0+n, 2i], W[o0+n, 2i+1]), low half
-// first) for expert e's weight rows [o0, o0 + nt).
-using PackTile = std::function<void(int64_t e, int64_t o0, int64_t nt, uint32_t* vnni)>;
+// Weight rows [o0, o0 + nt) of expert e as bf16 rows of length K (row-major, stride K): a pointer
+// into the weight itself (dense bf16) or into `scratch` ([kVnniTile][K], decoded MXFP4).
+using WeightRows = std::function<const at::BFloat16*(int64_t e, int64_t o0, int64_t nt, at::BFloat16* scratch)>;
 // out[r] = act(W_e xg[r] + b_e) for grouped rows r of each expert: xg [N, K] bf16 (rows already
 // gathered), fp32 accumulation, bias [E, M] float or null, act = SwiGLU (fused, out [N, M/2]) or
-// identity (out [N, M]); one rounding to bf16. K % 32 == 0.
+// identity (out [N, M]); one rounding to bf16. K % 32 == 0. brgemm computes each tile transposed:
+// A = the weight rows (row-major as stored, no packing), B = the expert's rows, packed once per
+// call into VNNI blocks of 32 rows.
 // Runs `tasks` (tiles of at most kVnniTile weight rows, from make_tile_tasks).
 void grouped_gemm_vnni(const at::BFloat16* xg, int64_t k, const std::vector<int64_t>& offsets, int64_t m,
-                       const std::vector<TileTask>& tasks, const PackTile& pack, const float* bias, bool fused,
+                       const std::vector<TileTask>& tasks, const WeightRows& rows, const float* bias, bool fused,
                        float alpha, float limit, at::BFloat16* out);
 
 #if defined(CPU_CAPABILITY_AVX512)

@@ -324,15 +324,15 @@ void direct_rows_any(int nr, const uint8_t* blocks, const uint8_t* scales, int64
   }
 }
 
-// MXFP4 weight tile -> VNNI words (i, n) = bf16 pair (W[o0+n, 2i], W[o0+n, 2i+1]) = the decoded
-// byte i of row o0 + n. Decoded values are exact in bf16 (at most 2 significant bits, float's
-// exponent range), so the bf16 bits are the float's upper 16 bits. Scale bytes 2..252 (all of
-// gpt-oss): the doubled E2M1 values come as bf16 from one vpermw and the scale 2^(s - 128) is an
-// add to the exponent field of the nonzero ones (exponents stay within 1..254, so the result is
-// the exact product); other scale bytes (subnormal or overflowing products) go through floats.
-void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt,
-                     uint32_t* vnni) {
-  int64_t nb = 0;
+// MXFP4 weight rows [o0, o0 + nt) -> bf16 rows [nt][32 g] (row-major; the tiled path's brgemm A
+// operand). Decoded values are exact in bf16 (at most 2 significant bits, float's exponent range),
+// so the bf16 bits are the float's upper 16 bits. Scale bytes 2..252 (all of gpt-oss): the doubled
+// E2M1 values come as bf16 from one vpermw and the scale 2^(s - 128) is an add to the exponent
+// field of the nonzero ones (exponents stay within 1..254, so the result is the exact product);
+// other scale bytes (subnormal or overflowing products) go through floats.
+void decode_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt,
+                      at::BFloat16* dst) {
+  const int64_t kdim = g * 32;
 #if defined(CPU_CAPABILITY_AVX512)
   const Tables& tb = tables();
   const __m512 lut = _mm512_load_ps(tb.twice);
@@ -341,44 +341,41 @@ void pack_mxfp4_tile(const uint8_t* blocks, const uint8_t* scales, int64_t g, in
   for (int i = 0; i < 32; ++i) lut16[i] = c10::BFloat16(tb.twice[i & 15]).x;
   const __m512i lutw = _mm512_load_si512(lut16);
   const __m512i nib = _mm512_set1_epi32(0x000F000F), magnitude = _mm512_set1_epi16(0x7FFF);
-  __m512i r[16];
-  for (; nb + 16 <= nt; nb += 16)
+  for (int64_t o = 0; o < nt; ++o) {
+    const uint8_t* brow = blocks + (o0 + o) * g * 16;
+    const uint8_t* srow = scales + (o0 + o) * g;
+    at::BFloat16* drow = dst + o * kdim;
     for (int64_t b = 0; b < g; ++b) {
-      for (int j = 0; j < 16; ++j) {
-        const int64_t row = o0 + nb + j;
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + (row * g + b) * 16)));
-        const uint32_t s = scales[row * g + b];
-        if (s >= 2u && s <= 252u) {
-          // dword i = (byte i & 15) | (byte i >> 4) << 16: word 2i indexes element 2i, 2i+1 the next
-          const __m512i w = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8),
-                                                     lutw);
-          r[j] = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(w, magnitude), w,
-                                       _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(s) - 128) * 128)));
-          continue;
-        }
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(brow + b * 16)));
+      const uint32_t s = srow[b];
+      __m512i r;
+      if (s >= 2u && s <= 252u) {
+        // dword i = (byte i & 15) | (byte i >> 4) << 16: word 2i indexes element 2i, 2i+1 the next
+        const __m512i w =
+            _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8), lutw);
+        r = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(w, magnitude), w,
+                                  _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(s) - 128) * 128)));
+      } else {
         const __m512 sc = _mm512_set1_ps(tb.half_scale[s]);
         const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
         const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
-        r[j] = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
-                               _mm512_and_si512(_mm512_castps_si512(hi), high16));
+        r = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                            _mm512_and_si512(_mm512_castps_si512(hi), high16));
       }
-      transpose16x16_u32(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(vnni + (b * 16 + j) * nt + nb, r[j]);
-    }
-#endif
-  for (; nb < nt; ++nb) {
-    const int64_t row = o0 + nb;
-    for (int64_t b = 0; b < g; ++b) {
-      const float hs = e8m0_half_scale(scales[row * g + b]);
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t byte = blocks[(row * g + b) * 16 + j];
-        const uint32_t lo = c10::BFloat16(e2m1_twice(byte & 15u) * hs).x;
-        const uint32_t hi = c10::BFloat16(e2m1_twice(byte >> 4) * hs).x;
-        vnni[(b * 16 + j) * nt + nb] = lo | (hi << 16);
-      }
+      _mm512_storeu_si512(drow + b * 32, r);
     }
   }
+#else
+  for (int64_t o = 0; o < nt; ++o)
+    for (int64_t b = 0; b < g; ++b) {
+      const float hs = e8m0_half_scale(scales[(o0 + o) * g + b]);
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = blocks[((o0 + o) * g + b) * 16 + j];
+        dst[o * kdim + b * 32 + 2 * j] = c10::BFloat16(e2m1_twice(byte & 15u) * hs);
+        dst[o * kdim + b * 32 + 2 * j + 1] = c10::BFloat16(e2m1_twice(byte >> 4) * hs);
+      }
+    }
+#endif
 }
 
 // Weight rows per task of the ATen-GEMM fallback of the tiled path.
@@ -471,8 +468,9 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
     if (vnni) {  // x is bfloat16 here
       grouped_gemm_vnni(
           reinterpret_cast<const at::BFloat16*>(pxg), kdim, grp.offsets, m, tiled,
-          [&](int64_t e, int64_t o0, int64_t nt, uint32_t* buf) {
-            pack_mxfp4_tile(pb + e * m * wrow, ps + e * m * g, g, o0, nt, buf);
+          [&](int64_t e, int64_t o0, int64_t nt, at::BFloat16* buf) {
+            decode_rows_bf16(pb + e * m * wrow, ps + e * m * g, g, o0, nt, buf);
+            return buf;
           },
           pbias, fused_swiglu, a, l, reinterpret_cast<at::BFloat16*>(po));
       return;
