@@ -58,9 +58,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x @ weight.T + bias, the model's dense projections (qkv, out, router, unembedding).
 
     x: [..., K]; weight: [N, K]; bias: [N] or None; one float dtype and device for all. Returns
-    [..., N] in x's dtype, contiguous. On the CPU, decode-shaped bfloat16 calls (at most 4 rows of
-    x, row-major weight, AVX512-BF16) run the extension's weight-streaming GEMV (float32 sums of
-    exact bfloat16 products); every other call, and CUDA, is the device's BLAS (at::linear).
+    [..., N] in x's dtype, contiguous; float32 sums, one rounding. Decode-shaped calls (at most 4
+    rows of x; bfloat16 on AVX512-BF16 CPUs, bfloat16 or float16 on CUDA) run the extension's
+    weight-streaming GEMV; every other call is the device's BLAS (at::linear; on CUDA without
+    cuBLAS's reduced-precision split-K reductions).
     Differentiable in x, weight and bias (the backward is plain matmuls).
     """
     return _ops.linear(x, weight, bias)

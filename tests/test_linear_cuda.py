@@ -1,5 +1,5 @@
-"""CUDA linear (cuBLAS through at::linear) against the CPU kernel and the float64 oracle, opcheck
-and bad input on CUDA. Skipped without a GPU and a CUDA build."""
+"""CUDA linear (the GEMV kernel up to 4 rows, cuBLAS above) against the CPU kernel and the float64
+oracle, opcheck and bad input on CUDA. Skipped without a GPU and a CUDA build."""
 import math
 
 import pytest

@@ -15,7 +15,6 @@
 #include <array>
 #include <cmath>
 #include <exception>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -190,8 +189,7 @@ void run_phased(const std::vector<int64_t>& phase_ends, const std::function<void
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) work_phased(job);  // a second call finds no task left
-  });
-  wait_done(job.done, n);
+  });  // (every task has finished when the region ends)
   if (job.error) std::rethrow_exception(job.error);
 }
 

@@ -28,13 +28,16 @@
 namespace gptoss::cpu {
 namespace {
 
-// e8m0_half_scale for every scale byte, and the 16 doubled E2M1 values.
+// e8m0_half_scale for every scale byte, and the 16 doubled E2M1 values (as floats, and as bf16 bits
+// twice over: a 32-word vpermw table).
 struct Tables {
   alignas(64) float half_scale[256];
   alignas(64) float twice[16];
+  alignas(64) uint16_t twice_bf16[32];
   Tables() {
     for (uint32_t s = 0; s < 256; ++s) half_scale[s] = e8m0_half_scale(s);
     for (uint32_t n = 0; n < 16; ++n) twice[n] = e2m1_twice(n);
+    for (int i = 0; i < 32; ++i) twice_bf16[i] = c10::BFloat16(twice[i & 15]).x;
   }
 };
 const Tables& tables() {
@@ -236,9 +239,7 @@ template <int NR>
 GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0,
                                          int64_t o1, const at::BFloat16* xb, int64_t ldx, float* h, int64_t ldh) {
   const Tables& tb = tables();
-  alignas(64) uint16_t lut16[32];
-  for (int i = 0; i < 32; ++i) lut16[i] = c10::BFloat16(tb.twice[i & 15]).x;
-  const __m512i lut = _mm512_load_si512(lut16);
+  const __m512i lut = _mm512_load_si512(tb.twice_bf16);
   const __m512i nib = _mm512_set1_epi32(0x000F000F);
   int64_t o = o0;
   for (; o + 2 <= o1; o += 2) {
@@ -337,9 +338,7 @@ void decode_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, i
   const Tables& tb = tables();
   const __m512 lut = _mm512_load_ps(tb.twice);
   const __m512i low4 = _mm512_set1_epi32(15), high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  alignas(64) uint16_t lut16[32];
-  for (int i = 0; i < 32; ++i) lut16[i] = c10::BFloat16(tb.twice[i & 15]).x;
-  const __m512i lutw = _mm512_load_si512(lut16);
+  const __m512i lutw = _mm512_load_si512(tb.twice_bf16);
   const __m512i nib = _mm512_set1_epi32(0x000F000F), magnitude = _mm512_set1_epi16(0x7FFF);
   for (int64_t o = 0; o < nt; ++o) {
     const uint8_t* brow = blocks + (o0 + o) * g * 16;

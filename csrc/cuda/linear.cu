@@ -18,8 +18,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -36,21 +34,12 @@ constexpr int kRows = 2;      // weight rows per warp
 constexpr int kUnroll = 4;    // 16-byte steps in flight per weight row and lane
 constexpr int kWarps = 8;     // warps per block
 
-// Eight 16-bit floats (one uint4) -> float32.
+// Eight 16-bit floats (one 16-byte load) -> float32.
 template <typename T>
-__device__ __forceinline__ void to_float8(const uint4& v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ void to_float8(const uint4& raw, float (&f)[8]) {
+  const Vec<T, 8> v = *reinterpret_cast<const Vec<T, 8>*>(&raw);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    } else {
-      const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      f[2 * i] = h.x;
-      f[2 * i + 1] = h.y;
-    }
-  }
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(v.v[i]);
 }
 
 // y [M, N] = x [M, K] w[N, K]^T + bias: M <= kMaxRows, K % 8 == 0, 16-byte aligned x and w. Warp
@@ -111,17 +100,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < kRows; ++r) {
       const int64_t n = n0 + r;
       if (n >= N) break;
-      float b = 0.f;
-      if (bias != nullptr) {
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) b = __bfloat162float(bias[n]);
-        else b = __half2float(bias[n]);
-      }
+      const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float v = acc[m][r] + b;
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) y[m * N + n] = __float2bfloat16_rn(v);
-        else y[m * N + n] = __float2half_rn(v);
-      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(acc[m][r] + b);
     }
   }
 }
@@ -130,10 +111,10 @@ template <typename T>
 void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& y, int64_t M,
                  cudaStream_t stream) {
   const int64_t N = w.size(0), K = w.size(1);
-  const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
-  const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
-  const T* bp = bias != nullptr ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
-  T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
   const unsigned blocks = grid_x(ceil_div(N, static_cast<int64_t>(kWarps) * kRows), "linear");
   auto run = [&](auto kernel) {
     kernel<<<blocks, kWarps * 32, 0, stream>>>(xp, wp, bp, yp, N, K);
@@ -193,8 +174,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::o
       shape.back() = N;
       at::Tensor y = at::empty(shape, x_in.options());
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      if (dt == at::kBFloat16) launch_gemv<__nv_bfloat16>(x, weight, bias, y, M, stream);
-      else launch_gemv<__half>(x, weight, bias, y, M, stream);
+      if (dt == at::kBFloat16) launch_gemv<at::BFloat16>(x, weight, bias, y, M, stream);
+      else launch_gemv<at::Half>(x, weight, bias, y, M, stream);
       return y;
     }
   }

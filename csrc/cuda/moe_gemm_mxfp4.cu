@@ -257,26 +257,19 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
               mxfp4_decode8_pow126_bf16(rb[q], wb[q]);
             }
             // x 2^(min(s, 128) - 1), then x 2^(s - 128) where some lane's scale byte exceeds 128
-            const uint32_t f1a = ((min(r0.sa, 128u) + 126u) << 7) * 0x00010001u;
-            const uint32_t f1b = ((min(r0.sb, 128u) + 126u) << 7) * 0x00010001u;
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) {
-                wa[q][j] = bf16x2_mul(wa[q][j], f1a);
-                wb[q][j] = bf16x2_mul(wb[q][j], f1b);
-              }
-            if (__any_sync(0xffffffffu, max(r0.sa, r0.sb) > 128u)) {  // warp-uniform
-              const uint32_t f2a = ((max(r0.sa, 128u) - 1u) << 7) * 0x00010001u;
-              const uint32_t f2b = ((max(r0.sb, 128u) - 1u) << 7) * 0x00010001u;
+            // (bf16x2 factors: exponent fields min(s, 128) + 126 and max(s, 128) - 1)
+            auto scale_rows = [&](uint32_t fa, uint32_t fb) {
 #pragma unroll
               for (int q = 0; q < 4; ++q)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                  wa[q][j] = bf16x2_mul(wa[q][j], f2a);
-                  wb[q][j] = bf16x2_mul(wb[q][j], f2b);
+                  wa[q][j] = bf16x2_mul(wa[q][j], (fa << 7) * 0x00010001u);
+                  wb[q][j] = bf16x2_mul(wb[q][j], (fb << 7) * 0x00010001u);
                 }
-            }
+            };
+            scale_rows(min(r0.sa, 128u) + 126u, min(r0.sb, 128u) + 126u);
+            if (__any_sync(0xffffffffu, max(r0.sa, r0.sb) > 128u))  // warp-uniform
+              scale_rows(max(r0.sa, 128u) - 1u, max(r0.sb, 128u) - 1u);
           } else {
             const uint32_t s2a = bf16x2_scale(r0.sa), s2b = bf16x2_scale(r0.sb);
             decode8_bf16(r0.a.x, s2a, wa[0]);

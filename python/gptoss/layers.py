@@ -2,8 +2,8 @@
 OpenAI checkpoint names (spec §3.1), so `Transformer.state_dict()` is an OpenAI-layout checkpoint.
 
 Dense projections (qkv, out, router, unembedding) are ops.linear (the extension's weight-streaming
-GEMV for decode-shaped bfloat16 calls on the CPU, the device's BLAS otherwise); RMSNorm, RoPE,
-attention and the MoE run on the extension's kernels.
+GEMV for decode-shaped calls, the device's BLAS otherwise); RMSNorm, RoPE, attention and the MoE
+run on the extension's kernels.
 """
 import math
 from typing import Optional, Tuple
