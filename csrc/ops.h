@@ -9,6 +9,8 @@ namespace gptoss {
 
 // rms_norm(x [..., d] float, scale [d] float, eps finite >= 0)
 void check_rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps);
+// add_rms_norm(x, residual like x (shape, dtype, device), scale, eps): rms_norm's checks plus those
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& scale, double eps);
 // rms_norm_backward(grad_out like x, x, scale [d], rstd x.shape[:-1] float32/float64)
 void check_rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                              const at::Tensor& scale, const at::Tensor& rstd);

@@ -10,6 +10,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // grad_x like x; grad_scale [d] in scale's dtype.
   m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor rstd)"
         " -> (Tensor grad_x, Tensor grad_scale)");
+  // Residual add then RMSNorm, fused: sum = x + residual (rounded to x's dtype, as torch's add),
+  // out = rms_norm(sum, scale, eps), rstd as rms_norm's: exactly that op sequence, one pass.
+  // residual like x (shape and dtype). Returns out and sum like x (contiguous), rstd x.shape[:-1].
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor scale, float eps)"
+        " -> (Tensor out, Tensor sum, Tensor rstd)");
   // Dense projection y = x W^T + b (the qkv, out, router and unembedding projections, spec §2).
   // x [..., K]; weight [N, K] row-major; bias [N] or None; all one dtype; y [..., N] in x's dtype.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -24,12 +24,12 @@ import torch  # noqa: E402,F401  (loads libtorch before _C)
 
 from . import _C  # noqa: E402,F401  (registers torch.ops.gptoss_ext.*)
 from .kv_cache import KVCache  # noqa: E402
-from .ops import (apply_rope, attention, attention_decode, kv_cache_append, linear, moe_combine,  # noqa: E402
+from .ops import (add_rms_norm, apply_rope, attention, attention_decode, kv_cache_append, linear, moe_combine,  # noqa: E402
                   moe_dispatch, moe_grouped_gemm, moe_mlp, moe_route, mxfp4_dequantize, mxfp4_quantize, rms_norm,
                   swiglu)
 from .rope import RotaryEmbedding, yarn_inv_freq  # noqa: E402
 
-__all__ = ["rms_norm", "linear", "apply_rope", "attention", "kv_cache_append", "attention_decode", "KVCache", "moe_route",
+__all__ = ["rms_norm", "add_rms_norm", "linear", "apply_rope", "attention", "kv_cache_append", "attention_decode", "KVCache", "moe_route",
            "moe_dispatch", "swiglu", "moe_grouped_gemm", "moe_combine", "mxfp4_dequantize", "mxfp4_quantize",
            "moe_mlp", "RotaryEmbedding", "yarn_inv_freq", "build_info", "has_cuda_kernels"]
 

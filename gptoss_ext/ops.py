@@ -52,6 +52,42 @@ def _rms_norm_backward(ctx, grad_out, grad_rstd):
 torch.library.register_autograd("gptoss_ext::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
 
 
+def add_rms_norm(x: Tensor, residual: Tensor, scale: Tensor, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """The residual add and the next RMSNorm in one pass: returns (rms_norm(s, scale, eps), s) with
+    s = x + residual in x's dtype, exactly as that op sequence computes them (a decode step's
+    residual stream and the next block's normed input, one launch instead of two on CUDA).
+
+    x, residual: [..., d], same shape and float dtype; scale: [d] as rms_norm's. Both outputs have
+    x's shape and dtype (contiguous). Differentiable in x, residual and scale.
+    """
+    out, s, _ = _ops.add_rms_norm(x, residual, scale, float(eps))
+    return out, s
+
+
+@torch.library.register_fake("gptoss_ext::add_rms_norm")
+def _add_rms_norm_fake(x, residual, scale, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    _, _, scale, _ = inputs
+    ctx.save_for_backward(output[1], scale, output[2])
+
+
+def _add_rms_norm_backward(ctx, grad_out, grad_sum, grad_rstd):
+    s, scale, rstd = ctx.saved_tensors
+    grad_s, grad_scale = None, None
+    if grad_out is not None:
+        grad_s, grad_scale = _ops.rms_norm_backward(grad_out.contiguous(), s, scale, rstd)
+    if grad_sum is not None:
+        grad_s = grad_sum if grad_s is None else grad_s + grad_sum
+    return grad_s, grad_s, grad_scale, None
+
+
+torch.library.register_autograd("gptoss_ext::add_rms_norm", _add_rms_norm_backward,
+                                setup_context=_add_rms_norm_setup)
+
+
 # ------------------------------------------------------------------------ Dense projection (§2)
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -572,6 +608,6 @@ def moe_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Tensor, mlp1_weight: Expe
     return moe_combine(y, order, weights)
 
 
-__all__ = ["rms_norm", "apply_rope", "attention", "kv_cache_append", "attention_decode", "moe_route",
+__all__ = ["rms_norm", "add_rms_norm", "linear", "apply_rope", "attention", "kv_cache_append", "attention_decode", "moe_route",
            "moe_dispatch", "swiglu", "moe_grouped_gemm", "moe_combine", "mxfp4_dequantize", "mxfp4_quantize",
            "moe_mlp"]

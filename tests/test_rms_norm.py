@@ -130,3 +130,68 @@ def test_property_against_oracle(rows, d, dtype, log_mag, stride, eps, seed):
     x = (torch.randn(rows, d * stride, dtype=torch.float64, generator=gen) * 10.0 ** log_mag).to(dtype)[:, ::stride]
     scale = torch.randn(d, generator=gen) * 3
     assert_close(ops.rms_norm(x, scale, eps), reference.rms_norm(x, scale, eps), dtype)
+
+
+# ------------------------------------------------------------------------------ add_rms_norm
+
+@pytest.mark.parametrize("shape", SHAPES + [(0, 2880)])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_add_rms_norm_equals_the_op_sequence(shape, dtype):
+    # The contract is exactly rms_norm(x + residual): the sum rounded to x's dtype as torch's add
+    # rounds it, then the same normalisation. Bit for bit.
+    x, scale = make(shape, dtype, magnitude=4.0)
+    res = torch.randn(shape).to(dtype)
+    out, s = ops.add_rms_norm(x, res, scale, 1e-5)
+    assert out.dtype == s.dtype == dtype and out.shape == s.shape == x.shape
+    assert torch.equal(s, x + res)
+    assert torch.equal(out, ops.rms_norm(x + res, scale, 1e-5))
+    if x.numel():
+        assert_close(out, reference.rms_norm(x.double() + res.double(), scale.double(), 1e-5), dtype, scale=2)
+
+
+def test_add_rms_norm_rstd_and_strided_inputs():
+    base = torch.randn(6, 2 * 300).bfloat16()
+    x, res = base[:, ::2], torch.randn(300, 6).bfloat16().t()
+    scale = torch.rand(300) + 0.5
+    out, s, rstd = torch.ops.gptoss_ext.add_rms_norm(x, res, scale, 1e-6)
+    assert out.is_contiguous() and s.is_contiguous()
+    assert torch.equal(s, x + res)
+    y, rstd_seq = torch.ops.gptoss_ext.rms_norm(x + res, scale, 1e-6)
+    assert torch.equal(out, y) and torch.equal(rstd, rstd_seq)
+
+
+def test_add_rms_norm_gradcheck_float64():
+    x = torch.randn(4, 3, 37, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(4, 3, 37, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(37, dtype=torch.float64) + 0.5).requires_grad_()
+    # Both outputs used (the model feeds the sum on as the residual stream), and each alone.
+    torch.autograd.gradcheck(lambda a, r, w: ops.add_rms_norm(a, r, w, 1e-5), (x, res, scale))
+    torch.autograd.gradcheck(lambda a, r, w: ops.add_rms_norm(a, r, w, 1e-5)[0], (x, res, scale))
+    torch.autograd.gradcheck(lambda a, r, w: ops.add_rms_norm(a, r, w, 1e-5)[1].sin(), (x, res, scale))
+
+
+def test_add_rms_norm_opcheck_and_compile():
+    x, scale = make((5, 130), torch.float32)
+    res = torch.randn(5, 130)
+    torch.library.opcheck(torch.ops.gptoss_ext.add_rms_norm.default,
+                          (x.requires_grad_(), res.requires_grad_(), scale.requires_grad_(), 1e-5))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(a, r, w):
+        y, s = ops.add_rms_norm(a * 2, r, w)
+        return y + s
+
+    xb, rb = x.detach().bfloat16(), res.detach().bfloat16()
+    expected = ops.rms_norm(xb * 2 + rb, scale.detach()) + (xb * 2 + rb)
+    assert torch.equal(f(xb, rb, scale.detach()), expected)
+
+
+@pytest.mark.parametrize("make_args, pattern", [
+    (lambda: (torch.randn(4, 8), torch.randn(4, 7), torch.ones(8)), r"add_rms_norm: residual must have x's shape"),
+    (lambda: (torch.randn(4, 8), torch.randn(4, 8).bfloat16(), torch.ones(8)), r"residual must have the dtype of x"),
+    (lambda: (torch.randn(4, 8), torch.randint(0, 3, (4, 8)), torch.ones(8)), r"residual must be float32"),
+    (lambda: (torch.randn(4, 8), torch.randn(4, 8), torch.ones(7)), r"add_rms_norm: scale must have shape \[8\]"),
+])
+def test_add_rms_norm_bad_input(make_args, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.add_rms_norm(*make_args())

@@ -151,3 +151,47 @@ def test_gradcheck_cuda_float64():
     x = torch.randn(3, 17, dtype=torch.float64, device=DEV, requires_grad=True)
     w = _scale(17, torch.float64).to(DEV).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: gptoss_ext.rms_norm(a, b, EPS), (x, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", [(1, 2880), (4, 2880), (7, 769), (3, 40000)], ids=str)
+def test_add_rms_norm_cuda_matches_cpu(shape, dtype):
+    # The register kernel (2880, 769), the streaming one (40000, float64). The sum is one rounding
+    # of an exact float sum on both sides: equal bit for bit.
+    x, res = (torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype)
+    scale = _scale(shape[-1])
+    out_c, s_c, rstd_c = ops.add_rms_norm(x, res, scale, EPS)
+    out_g, s_g, rstd_g = ops.add_rms_norm(x.to(DEV), res.to(DEV), scale.to(DEV), EPS)
+    assert torch.equal(s_g.cpu(), s_c)
+    assert_close(out_g, out_c)
+    assert_close(rstd_g, rstd_c, dtype=rstd_c.dtype)
+    # and the fused kernel equals the unfused pair on the GPU
+    y_g, _ = ops.rms_norm(x.to(DEV) + res.to(DEV), scale.to(DEV), EPS)
+    assert torch.equal(out_g, y_g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm_cuda_misaligned_and_strided(dtype):
+    x, x_cuda = misaligned_cuda((9, 2880), dtype)  # residual misaligned: the scalar path
+    res = noncontig_last_dim((9, 2880), dtype)
+    scale = _scale(2880)
+    out_c, s_c, _ = ops.add_rms_norm(x, res, scale, EPS)
+    out_g, s_g, _ = ops.add_rms_norm(res.to(DEV), x_cuda, scale.to(DEV), EPS)
+    assert torch.equal(s_g.cpu(), s_c)
+    assert_close(out_g, out_c)
+
+
+def test_add_rms_norm_cuda_autograd_and_opcheck():
+    x, res, g = torch.randn(5, 2880), torch.randn(5, 2880), torch.randn(5, 2880)
+    scale = _scale(2880)
+    grads = []
+    for dev in ("cpu", DEV):
+        leaves = [t.to(dev).requires_grad_() for t in (x, res, scale)]
+        out, s = gptoss_ext.add_rms_norm(*leaves, EPS)
+        (out * g.to(dev) + s.square()).sum().backward()
+        grads.append([t.grad.cpu() for t in leaves])
+    for cpu, cuda in zip(*grads):
+        assert_close(cuda, cpu, dtype=torch.float32, scale=max(1.0, 5 ** 0.5))
+    assert torch.equal(grads[1][0], grads[1][1])  # d/dx = d/dresidual
+    args = [t.to(DEV).requires_grad_() for t in (x, res, scale)]
+    torch.library.opcheck(torch.ops.gptoss_ext.add_rms_norm.default, (*args, EPS))

@@ -5,16 +5,31 @@
 
 namespace gptoss {
 
+namespace {
+void check_norm_args(const at::Tensor& x, const at::Tensor& scale, double eps, const char* op) {
+  check_float(x, op, "x");
+  check_float(scale, op, "scale");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., d] with at least 1 dim, got a 0-D tensor");
+  TORCH_CHECK(x.size(-1) > 0, op, ": x's last dim (d) must be > 0, got shape ", x.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == x.size(-1), op, ": scale must have shape [", x.size(-1),
+              "] (x's last dim), got ", scale.sizes());
+  check_same_device(x, scale, op, "x", "scale");
+  check_finite(eps, op, "eps");
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+}  // namespace
+
 void check_rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps) {
-  check_float(x, "rms_norm", "x");
-  check_float(scale, "rms_norm", "scale");
-  TORCH_CHECK(x.dim() >= 1, "rms_norm: x must be [..., d] with at least 1 dim, got a 0-D tensor");
-  TORCH_CHECK(x.size(-1) > 0, "rms_norm: x's last dim (d) must be > 0, got shape ", x.sizes());
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == x.size(-1), "rms_norm: scale must have shape [",
-              x.size(-1), "] (x's last dim), got ", scale.sizes());
-  check_same_device(x, scale, "rms_norm", "x", "scale");
-  check_finite(eps, "rms_norm", "eps");
-  TORCH_CHECK(eps >= 0, "rms_norm: eps must be >= 0, got ", eps);
+  check_norm_args(x, scale, eps, "rms_norm");
+}
+
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& scale, double eps) {
+  check_norm_args(x, scale, eps, "add_rms_norm");
+  check_float(residual, "add_rms_norm", "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "add_rms_norm: residual must have x's shape ", x.sizes(), ", got ",
+              residual.sizes());
+  check_same_dtype(x, residual, "add_rms_norm", "x", "residual");
+  check_same_device(x, residual, "add_rms_norm", "x", "residual");
 }
 
 void check_rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,

@@ -1,5 +1,6 @@
 // RMSNorm on the CPU (spec §2.1): y = (x_f32 * rsqrt(mean(x_f32^2) + eps)) * scale_f32, cast to
-// x's dtype. Rows run in parallel; each row is two vectorised passes (sum of squares, scale).
+// x's dtype, and add_rms_norm (the same of x + residual, the sum written too). Rows run in
+// parallel; each row is two vectorised passes (sum of squares, scale).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -20,17 +21,31 @@ namespace {
 // calling thread instead of paying a thread-team wake-up.
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 65536 / d); }
 
+// With res (add_rms_norm): the row is first s = x + res rounded to T, written to sum, and s is
+// normalised (exactly rms_norm of torch's x + res). res and sum are null for rms_norm.
 template <typename T>
-void rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t rows, int64_t d, float eps) {
+void rms_norm_fwd(const T* x, const T* res, const float* w, T* y, T* sum, float* rstd, int64_t rows, int64_t d,
+                  float eps) {
   at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * d;
       T* yr = y + r * d;
       fVec acc(0.f);
-      for_vec(d, [&](int64_t i, int64_t n) {
-        fVec v = n == kVecSize ? load_f(xr + i) : load_f(xr + i, n);
-        acc = at::vec::fmadd(v, v, acc);
-      });
+      if (res != nullptr) {
+        const T* rr = res + r * d;
+        T* sr = sum + r * d;
+        for_vec(d, [&](int64_t i, int64_t n) {
+          store_f(sr + i, load_f(xr + i, n) + load_f(rr + i, n), n);
+          const fVec v = load_f(sr + i, n);  // the rounded sum
+          acc = at::vec::fmadd(v, v, acc);
+        });
+        xr = sr;
+      } else {
+        for_vec(d, [&](int64_t i, int64_t n) {
+          fVec v = n == kVecSize ? load_f(xr + i) : load_f(xr + i, n);
+          acc = at::vec::fmadd(v, v, acc);
+        });
+      }
       const float ss = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
       const float rs = rms_norm_rstd(ss, d, eps);
       rstd[r] = rs;
@@ -84,16 +99,21 @@ void rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T*
   });
 }
 
-// float64 path (gradcheck): plain loops, same formulas.
-void rms_norm_fwd_f64(const double* x, const double* w, double* y, double* rstd, int64_t rows,
-                      int64_t d, double eps) {
+// float64 path (gradcheck): plain loops, same formulas (res and sum as rms_norm_fwd).
+void rms_norm_fwd_f64(const double* x, const double* res, const double* w, double* y, double* sum, double* rstd,
+                      int64_t rows, int64_t d, double eps) {
   at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      const double* xr = x + r * d;
+      if (res != nullptr) {
+        for (int64_t i = 0; i < d; ++i) sum[r * d + i] = xr[i] + res[r * d + i];
+        xr = sum + r * d;
+      }
       double ss = 0;
-      for (int64_t i = 0; i < d; ++i) ss += x[r * d + i] * x[r * d + i];
+      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
       const double rs = rms_norm_rstd(ss, d, eps);
       rstd[r] = rs;
-      for (int64_t i = 0; i < d; ++i) y[r * d + i] = rms_norm_out(x[r * d + i], rs, w[i]);
+      for (int64_t i = 0; i < d; ++i) y[r * d + i] = rms_norm_out(xr[i], rs, w[i]);
     }
   });
 }
@@ -113,27 +133,44 @@ void rms_norm_bwd_f64(const double* dy, const double* x, const double* w, const 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& scale,
-                                            double eps) {
-  check_rms_norm(x_in, scale, eps);
+// rms_norm (res undefined) and add_rms_norm: returns out, sum (undefined for rms_norm), rstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                            const at::Tensor& scale, double eps) {
   const at::Tensor x = x_in.contiguous();
+  const bool add = res_in.defined();
+  const at::Tensor res = add ? res_in.contiguous() : at::Tensor();
   const int64_t d = x.size(-1), rows = x.numel() / d;
   const auto acc = acc_dtype(x.scalar_type());
   const at::Tensor w = scale.to(acc).contiguous();
   at::Tensor y = at::empty_like(x);
+  at::Tensor sum = add ? at::empty_like(x) : at::Tensor();
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc));
-  if (rows == 0) return {y, rstd};
+  if (rows == 0) return {y, sum, rstd};
   if (x.scalar_type() == at::kDouble) {
-    rms_norm_fwd_f64(x.const_data_ptr<double>(), w.const_data_ptr<double>(),
-                     y.mutable_data_ptr<double>(), rstd.mutable_data_ptr<double>(), rows, d, eps);
-    return {y, rstd};
+    rms_norm_fwd_f64(x.const_data_ptr<double>(), add ? res.const_data_ptr<double>() : nullptr,
+                     w.const_data_ptr<double>(), y.mutable_data_ptr<double>(),
+                     add ? sum.mutable_data_ptr<double>() : nullptr, rstd.mutable_data_ptr<double>(), rows, d, eps);
+    return {y, sum, rstd};
   }
   GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rms_norm", [&] {
-    rms_norm_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                           y.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<float>(), rows, d,
+    rms_norm_fwd<scalar_t>(x.const_data_ptr<scalar_t>(), add ? res.const_data_ptr<scalar_t>() : nullptr,
+                           w.const_data_ptr<float>(), y.mutable_data_ptr<scalar_t>(),
+                           add ? sum.mutable_data_ptr<scalar_t>() : nullptr, rstd.mutable_data_ptr<float>(), rows, d,
                            static_cast<float>(eps));
   });
+  return {y, sum, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps) {
+  check_rms_norm(x, scale, eps);
+  auto [y, sum, rstd] = norm_forward(x, at::Tensor(), scale, eps);
   return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                            const at::Tensor& scale, double eps) {
+  check_add_rms_norm(x, residual, scale, eps);
+  return norm_forward(x, residual, scale, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
@@ -168,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rms_norm_backward", &rms_norm_backward);
 }
 

@@ -1,6 +1,7 @@
 // RMSNorm on CUDA (spec §2.1), same contract as csrc/cpu/rms_norm.cpp: x [..., d] any float dtype,
 // scale [d] used in float32 (float64 for float64 x); out like x (contiguous), rstd x.shape[:-1]
-// float32 (float64). Math in the accumulation dtype via common/rms_norm.h.
+// float32 (float64). Math in the accumulation dtype via common/rms_norm.h. add_rms_norm runs the
+// same kernels on x + residual (rounded to x's dtype, also written out as `sum`).
 //
 // Forward: one row per thread group of tpr threads (a block, or a slice of a warp for short rows),
 // 16-byte loads/stores when the pointers are aligned and d is a multiple of the vector width
@@ -43,16 +44,20 @@ constexpr int64_t kBwdMinRowsPerSlot = 8;
 // x, y: [rows, d] contiguous; w [d] float32; rstd [rows]. Block (tpr, rpb), one row per threadIdx.y,
 // VW elements per vector (x, y 16-byte aligned and d % VW == 0 when VW > 1; w 16-byte aligned
 // when VW >= 4), at most VPT vectors per thread (tpr * VPT >= d / VW).
+// add_rms_norm: res and sum like x (same alignment), the row normalised is x + res rounded to T,
+// written to sum; both null for rms_norm.
 template <typename T, int VW, int VPT>
 __global__ void __launch_bounds__(VPT == 8 ? kFwdMaxTpr : 256)
-    rms_norm_fwd_reg_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
-                            float* __restrict__ rstd, int64_t rows, int d, float eps) {
+    rms_norm_fwd_reg_kernel(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ w,
+                            T* __restrict__ y, T* __restrict__ sum, float* __restrict__ rstd, int64_t rows, int d,
+                            float eps) {
   using V = Vec<T, VW>;
   __shared__ float red[32];
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
-  const V* xr = reinterpret_cast<const V*>(x) + (valid ? row : 0) * nvec;
+  const int64_t base = (valid ? row : 0) * nvec;
+  const V* xr = reinterpret_cast<const V*>(x) + base;
 
   // Slots past the row's end (or of a row past the end) hold zeros, which add nothing below.
   V v[VPT];
@@ -60,6 +65,20 @@ __global__ void __launch_bounds__(VPT == 8 ? kFwdMaxTpr : 256)
   for (int k = 0; k < VPT; ++k) {
     const int j = threadIdx.x + k * blockDim.x;
     v[k] = valid && j < nvec ? xr[j] : V{};
+  }
+  if (res != nullptr) {  // grid-uniform
+    const V* rr = reinterpret_cast<const V*>(res) + base;
+    V* sr = reinterpret_cast<V*>(sum) + base;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (valid && j < nvec) {
+        const V r = rr[j];
+#pragma unroll
+        for (int e = 0; e < VW; ++e) v[k].v[e] = static_cast<T>(static_cast<float>(v[k].v[e]) + static_cast<float>(r.v[e]));
+        sr[j] = v[k];
+      }
+    }
   }
   float ss = 0.f;
 #pragma unroll
@@ -89,9 +108,11 @@ __global__ void __launch_bounds__(VPT == 8 ? kFwdMaxTpr : 256)
 
 // Streaming forward (any row length; also float64): the row is read twice. Same layout contract as
 // the register kernel, with w and rstd in the accumulation dtype A.
+// With res (add_rms_norm) the first pass writes sum = x + res rounded to T and the second reads
+// the thread's own sum elements back.
 template <typename T, int VW>
 __global__ void __launch_bounds__(kStreamMaxTpr)
-    rms_norm_fwd_stream_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w, T* __restrict__ y,
+    rms_norm_fwd_stream_kernel(const T* x, const T* res, const acc_t<T>* __restrict__ w, T* __restrict__ y, T* sum,
                                acc_t<T>* __restrict__ rstd, int64_t rows, int d, acc_t<T> eps) {
   using A = acc_t<T>;
   using V = Vec<T, VW>;
@@ -99,11 +120,20 @@ __global__ void __launch_bounds__(kStreamMaxTpr)
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
-  const V* xr = reinterpret_cast<const V*>(x) + (valid ? row : 0) * nvec;
+  const int64_t base = (valid ? row : 0) * nvec;
+  const V* xr = reinterpret_cast<const V*>(x) + base;
+  const V* rr = res != nullptr ? reinterpret_cast<const V*>(res) + base : nullptr;
+  V* sr = res != nullptr ? reinterpret_cast<V*>(sum) + base : nullptr;
   A ss = 0;
   if (valid) {
     for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
-      const V v = xr[j];
+      V v = xr[j];
+      if (rr != nullptr) {
+        const V r = rr[j];
+#pragma unroll
+        for (int e = 0; e < VW; ++e) v.v[e] = static_cast<T>(static_cast<A>(v.v[e]) + static_cast<A>(r.v[e]));
+        sr[j] = v;
+      }
 #pragma unroll
       for (int e = 0; e < VW; ++e) {
         const A f = static_cast<A>(v.v[e]);
@@ -115,8 +145,9 @@ __global__ void __launch_bounds__(kStreamMaxTpr)
   if (!valid) return;
   if (threadIdx.x == 0) rstd[row] = rs;
   V* yr = reinterpret_cast<V*>(y) + row * nvec;
+  const V* src = sr != nullptr ? sr : xr;
   for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
-    const V v = xr[j];
+    const V v = src[j];
     A wv[VW];
     load_n<VW>(w + j * VW, wv);
     V o;
@@ -127,8 +158,8 @@ __global__ void __launch_bounds__(kStreamMaxTpr)
 }
 
 template <typename T, int VW>
-void launch_fwd(const T* x, const acc_t<T>* w, T* y, acc_t<T>* rstd, int64_t rows, int d, double eps,
-                cudaStream_t stream) {
+void launch_fwd(const T* x, const T* res, const acc_t<T>* w, T* y, T* sum, acc_t<T>* rstd, int64_t rows, int d,
+                double eps, cudaStream_t stream) {
   const int64_t nvec = d / VW;
   RowShape s;
   if constexpr (std::is_same_v<T, double>) {
@@ -138,10 +169,10 @@ void launch_fwd(const T* x, const acc_t<T>* w, T* y, acc_t<T>* rstd, int64_t row
       const dim3 block(s.tpr, s.rpb), grid(grid_x(ceil_div(rows, s.rpb), "rms_norm"));
       const float e = static_cast<float>(eps);
       switch (s.vpt) {
-        case 1: rms_norm_fwd_reg_kernel<T, VW, 1><<<grid, block, 0, stream>>>(x, w, y, rstd, rows, d, e); break;
-        case 2: rms_norm_fwd_reg_kernel<T, VW, 2><<<grid, block, 0, stream>>>(x, w, y, rstd, rows, d, e); break;
-        case 4: rms_norm_fwd_reg_kernel<T, VW, 4><<<grid, block, 0, stream>>>(x, w, y, rstd, rows, d, e); break;
-        default: rms_norm_fwd_reg_kernel<T, VW, 8><<<grid, block, 0, stream>>>(x, w, y, rstd, rows, d, e); break;
+        case 1: rms_norm_fwd_reg_kernel<T, VW, 1><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d, e); break;
+        case 2: rms_norm_fwd_reg_kernel<T, VW, 2><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d, e); break;
+        case 4: rms_norm_fwd_reg_kernel<T, VW, 4><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d, e); break;
+        default: rms_norm_fwd_reg_kernel<T, VW, 8><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d, e); break;
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -149,7 +180,7 @@ void launch_fwd(const T* x, const acc_t<T>* w, T* y, acc_t<T>* rstd, int64_t row
     s = stream_row_shape(nvec, kStreamMaxTpr);
   }
   const dim3 block(s.tpr, s.rpb), grid(grid_x(ceil_div(rows, s.rpb), "rms_norm"));
-  rms_norm_fwd_stream_kernel<T, VW><<<grid, block, 0, stream>>>(x, w, y, rstd, rows, d,
+  rms_norm_fwd_stream_kernel<T, VW><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d,
                                                                 static_cast<acc_t<T>>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -380,36 +411,57 @@ void check_row_len(int64_t d, const char* op) {
   TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), op, ": x's last dim must be < 2^31 on CUDA, got ", d);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& scale, double eps) {
-  check_rms_norm(x_in, scale, eps);
+// rms_norm (res undefined) and add_rms_norm: returns out, sum (undefined for rms_norm), rstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                            const at::Tensor& scale, double eps, const char* op) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
+  const bool add = res_in.defined();
+  const at::Tensor res = add ? res_in.contiguous() : at::Tensor();
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  check_row_len(d, "rms_norm");
+  check_row_len(d, op);
   const auto acc = acc_dtype(x.scalar_type());
   const at::Tensor w = scale.to(acc).contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor sum = add ? at::empty(x.sizes(), x.options()) : at::Tensor();
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc));
-  if (rows == 0) return {y, rstd};
+  if (rows == 0) return {y, sum, rstd};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int di = static_cast<int>(d);
   if (x.scalar_type() == at::kDouble) {
-    launch_fwd<double, 1>(x.const_data_ptr<double>(), w.const_data_ptr<double>(), y.mutable_data_ptr<double>(),
-                          rstd.mutable_data_ptr<double>(), rows, di, eps, stream);
-    return {y, rstd};
+    launch_fwd<double, 1>(x.const_data_ptr<double>(), add ? res.const_data_ptr<double>() : nullptr,
+                          w.const_data_ptr<double>(), y.mutable_data_ptr<double>(),
+                          add ? sum.mutable_data_ptr<double>() : nullptr, rstd.mutable_data_ptr<double>(), rows, di,
+                          eps, stream);
+    return {y, sum, rstd};
   }
   GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rms_norm_cuda", [&] {
     constexpr int VW = kVec16<scalar_t>;
-    const bool vec = d % VW == 0 && is_aligned(x.const_data_ptr(), 16) && is_aligned(w.const_data_ptr(), 16);
+    const bool vec = d % VW == 0 && is_aligned(x.const_data_ptr(), 16) && is_aligned(w.const_data_ptr(), 16) &&
+                     (!add || is_aligned(res.const_data_ptr(), 16));
     auto run = [&](auto vw) {
-      launch_fwd<scalar_t, decltype(vw)::value>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                                               y.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<float>(),
-                                               rows, di, eps, stream);
+      launch_fwd<scalar_t, decltype(vw)::value>(x.const_data_ptr<scalar_t>(),
+                                               add ? res.const_data_ptr<scalar_t>() : nullptr,
+                                               w.const_data_ptr<float>(), y.mutable_data_ptr<scalar_t>(),
+                                               add ? sum.mutable_data_ptr<scalar_t>() : nullptr,
+                                               rstd.mutable_data_ptr<float>(), rows, di, eps, stream);
     };
     if (vec) run(std::integral_constant<int, VW>{});
     else run(std::integral_constant<int, 1>{});
   });
+  return {y, sum, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps) {
+  check_rms_norm(x, scale, eps);
+  auto [y, sum, rstd] = norm_forward(x, at::Tensor(), scale, eps, "rms_norm");
   return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                            const at::Tensor& scale, double eps) {
+  check_add_rms_norm(x, residual, scale, eps);
+  return norm_forward(x, residual, scale, eps, "add_rms_norm");
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
@@ -452,6 +504,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rms_norm_backward", &rms_norm_backward);
 }
 

@@ -35,10 +35,18 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, self.scale, self.eps)
 
+    def add_forward(self, x: Tensor, delta: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(norm(x + delta), x + delta), the sum formed in the norm's pass (x alone when delta is
+        None): how a block closes the previous block's residual add."""
+        if delta is None:
+            return self.forward(x), x
+        return ops.add_rms_norm(x, delta, self.scale, self.eps)
+
 
 class AttentionBlock(nn.Module):
     """Pre-norm attention with fused QKV, YaRN RoPE, GQA, learned sinks and (on sliding layers) a
-    window; returns x + attn(x) (spec §2.2)."""
+    window (spec §2.2). Takes and returns the residual stream as a pair (see TransformerBlock):
+    (x, delta) -> (x + delta, attn(x + delta))."""
 
     def __init__(self, cfg: ModelConfig, layer: int, dtype=None, device=None):
         super().__init__()
@@ -51,14 +59,17 @@ class AttentionBlock(nn.Module):
         self.sinks = nn.Parameter(torch.empty(hq, dtype=torch.float32, device=device))
         self.out = Linear(hd * hq, cfg.hidden_size, bias=True, dtype=dtype, device=device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
-        """x [B, T, d]; cos/sin [T, D/2] or [B, T, D/2] for the tokens' positions. Without a cache
-        the T tokens are positions 0..T-1 of their sequences; with one they follow its contents
-        (written with KVCache.write: the caller has checked the cache's room for T tokens)."""
+    def forward(self, x: Tensor, delta: Optional[Tensor], cos: Tensor, sin: Tensor,
+                cache: Optional[gptoss_ext.KVCache] = None) -> Tuple[Tensor, Tensor]:
+        """x, delta [B, T, d] (delta None: 0); cos/sin [T, D/2] or [B, T, D/2] for the tokens'
+        positions. Without a cache the T tokens are positions 0..T-1 of their sequences; with one
+        they follow its contents (written with KVCache.write: the caller has checked the cache's
+        room for T tokens)."""
         cfg = self.cfg
         b, t, _ = x.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = self.qkv(self.norm(x))
+        normed, x = self.norm.add_forward(x, delta)
+        qkv = self.qkv(normed)
         # RoPE on the q and k heads in one call (one launch when decoding)
         qk = ops.apply_rope(qkv[..., : (hq + hkv) * hd].reshape(b, t, hq + hkv, hd), cos, sin)
         q, k = qk[:, :, :hq], qk[:, :, hq:]
@@ -68,7 +79,7 @@ class AttentionBlock(nn.Module):
         else:
             cache.write(k, v.contiguous())
             o, _ = cache.attend(q, self.sinks, sm_scale=self.sm_scale)
-        return x + self.out(o.reshape(b, t, hq * hd))
+        return x, self.out(o.reshape(b, t, hq * hd))
 
 
 class MXFP4Weight(nn.Module):
@@ -88,7 +99,8 @@ class MXFP4Weight(nn.Module):
 
 class MLPBlock(nn.Module):
     """Pre-norm mixture of experts: router (linear + bias), top-k then softmax, per expert
-    W1 -> clamped interleaved SwiGLU -> W2, weighted sum; returns x + moe(x) (spec §2.4)."""
+    W1 -> clamped interleaved SwiGLU -> W2, weighted sum (spec §2.4). Residual stream as a pair:
+    (x, delta) -> (x + delta, moe(x + delta))."""
 
     def __init__(self, cfg: ModelConfig, mxfp4: bool = False, dtype=None, device=None):
         super().__init__()
@@ -109,21 +121,29 @@ class MLPBlock(nn.Module):
     def mxfp4(self) -> bool:
         return isinstance(self.mlp1_weight, MXFP4Weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, delta: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         shape = x.shape
-        t = self.norm(x).reshape(-1, shape[-1])
+        normed, x = self.norm.add_forward(x, delta)
+        t = normed.reshape(-1, shape[-1])
         w1 = self.mlp1_weight.pair() if self.mxfp4 else self.mlp1_weight
         w2 = self.mlp2_weight.pair() if self.mxfp4 else self.mlp2_weight
         y = ops.moe_mlp(t, self.gate.weight, self.gate.bias, w1, self.mlp1_bias, w2, self.mlp2_bias,
                         k=self.cfg.experts_per_token, alpha=self.cfg.swiglu_alpha, limit=self.cfg.swiglu_limit)
-        return x + y.reshape(shape)
+        return x, y.reshape(shape)
 
 
 class TransformerBlock(nn.Module):
+    """Attention then MoE, each with its residual add. The residual stream travels as a pair
+    (x, delta) meaning x + delta: each add is done by the next norm's pass (ops.add_rms_norm), so
+    a decode step runs no separate add kernels. The model's first block gets (embedding, None),
+    the final norm closes the last pair."""
+
     def __init__(self, cfg: ModelConfig, layer: int, mxfp4: bool = False, dtype=None, device=None):
         super().__init__()
         self.attn = AttentionBlock(cfg, layer, dtype=dtype, device=device)
         self.mlp = MLPBlock(cfg, mxfp4=mxfp4, dtype=dtype, device=device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[gptoss_ext.KVCache] = None) -> Tensor:
-        return self.mlp(self.attn(x, cos, sin, cache))
+    def forward(self, x: Tensor, delta: Optional[Tensor], cos: Tensor, sin: Tensor,
+                cache: Optional[gptoss_ext.KVCache] = None) -> Tuple[Tensor, Tensor]:
+        """(x, delta) [B, T, d] each (delta None: 0) -> (x', delta'), the block's output x' + delta'."""
+        return self.mlp(*self.attn(x, delta, cos, sin, cache))

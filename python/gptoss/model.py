@@ -123,10 +123,12 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         if caches is None:
             cos, sin = self.rope.cos_sin(torch.arange(t, device=tokens.device))
-            x = self.embedding(tokens)
+            x, delta = self.embedding(tokens), None
             for blk in self.block:
-                x = blk(x, cos, sin)
-            return self.unembedding(self.norm(x[:, -1] if last_only else x))
+                x, delta = blk(x, delta, cos, sin)
+            if last_only:
+                x, delta = x[:, -1], (None if delta is None else delta[:, -1])
+            return self.unembedding(self.norm.add_forward(x, delta)[0])
         if advance is None or (isinstance(advance, int) and advance == t):
             if not last_only:
                 return self.decode_step(tokens, caches)
@@ -183,15 +185,15 @@ class Transformer(nn.Module):
         t = tokens.shape[1]
         positions = caches[0].lengths.long()[:, None] + torch.arange(t, device=tokens.device)
         cos, sin = cos_table[positions], sin_table[positions]  # [B, T, D/2]
-        x = self.embedding(tokens)
+        x, delta = self.embedding(tokens), None
         for blk, cache in zip(self.block, caches):
-            x = blk(x, cos, sin, cache)
-        if advance:
-            for cache in caches:
-                cache.lengths.add_(t)
+            x, delta = blk(x, delta, cos, sin, cache)
+        if advance:  # every layer's lengths in one launch
+            torch._foreach_add_([cache.lengths for cache in caches], t)
         if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.unembedding(self.norm(x))
+            rows = torch.arange(x.shape[0], device=x.device)
+            x, delta = x[rows, last], (None if delta is None else delta[rows, last])
+        return self.unembedding(self.norm.add_forward(x, delta)[0])
 
     def decode_step(self, tokens: Tensor, caches: Sequence[gptoss_ext.KVCache],
                     step_fn: Optional[Callable[..., Tensor]] = None) -> Tensor:
