@@ -70,12 +70,18 @@ step import 60 $PY -c "import gptoss_ext, torch; assert gptoss_ext.has_cuda_kern
   || { cat "$SUMMARY"; exit 1; }
 has build && step sass 120 $PY scripts/check_sass.py
 has tests && step tests 300 $PY -m pytest -q -m "not slow" -k cuda -p no:cacheprovider -n 8 --maxfail=25 -rfE
+# The decode-path kernels again with programmatic dependent launch (GPTOSS_EXT_PDL=1, utils.cuh):
+# the model (CUDA graph and compiled decode included) and the ops of its decode step.
+has tests && step tests_pdl 200 env GPTOSS_EXT_PDL=1 $PY -m pytest -q -m "not slow" -p no:cacheprovider -n 8 \
+  --maxfail=25 -rfE tests/test_model_cuda.py tests/test_linear_cuda.py tests/test_rms_norm_cuda.py \
+  tests/test_rope_cuda.py tests/test_attention_cuda.py tests/test_moe_cuda.py -k "not backward and not bwd"
 if has model; then
   # gpt-oss-20b decode at batch 1 (random MXFP4 weights, ~13 GB of GPU memory), eager and CUDA
   # graph, vs the bandwidth floor. (CUDA graph == eager is tested in the tests phase.)
-  step bench_model_cuda 240 $PY benchmarks/bench_model.py --device cuda
-  # the same with the decode GEMV's shift decode (GPTOSS_EXT_MXFP4_GEMV_DECODE; see moe_gemm_mxfp4.cu)
-  step bench_model_cuda_shift 240 env GPTOSS_EXT_MXFP4_GEMV_DECODE=shift $PY benchmarks/bench_model.py --device cuda
+  # Side by side in one process, two alternating rounds: the default kernels, programmatic
+  # dependent launch (GPTOSS_EXT_PDL), the decode GEMV's shift decode (GPTOSS_EXT_MXFP4_GEMV_DECODE).
+  step bench_model_cuda 300 $PY benchmarks/bench_model.py --device cuda --rounds 2 \
+    --variants base,pdl,shift,pdl+shift
   step demo_cuda 180 $PY -m gptoss.demo  # `make demo`'s job; compares CUDA and CPU logits on a GPU
 fi
 if has bench; then

@@ -43,11 +43,15 @@
 
 #include "common/attention.h"
 #include "cuda/mma_sm80.cuh"
+#include "cuda/utils.cuh"
 #include "ops.h"
 
 namespace gptoss {
 namespace cuda_attn {
 using namespace gptoss::sm80;   // cuda/mma_sm80.cuh
+using gptoss::cuda::launch_pdl;  // cuda/utils.cuh: programmatic dependent launch
+using gptoss::cuda::pdl_launch_dependents;
+using gptoss::cuda::pdl_wait;
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -138,6 +142,8 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const FwdPara
   constexpr int PK = BN / 16; // k-steps of O += P V
   constexpr int DT = D / 8;   // n-tiles (8 dims) of O
 
+  pdl_wait();
+  pdl_launch_dependents();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][D]
   T* sK = sQ + BM * D;                     // [2][BN][D]
@@ -437,6 +443,8 @@ __device__ __forceinline__ A warp_sum(A x) {
 template <typename T, typename A, bool kDecode>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const FwdParams p) {
   __shared__ A sq[kSimtWarps][128];
+  pdl_wait();
+  pdl_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rr = blockIdx.x * kSimtWarps + warp;
   const int kvh = blockIdx.y / p.num_splits;
@@ -528,6 +536,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const Fw
 // ridx = (b * Hq + h) * Tq + i; grid.x = ceil(B*Hq*Tq / 4).
 template <typename T>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_combine_kernel(const FwdParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t NR = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const int64_t ridx = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
@@ -573,6 +583,8 @@ __global__ void kv_cache_append_kernel(E* __restrict__ kc, E* __restrict__ vc, c
                                        int64_t S, int64_t H, int64_t D, int64_t k_sb, int64_t k_st,
                                        int64_t k_sh, int64_t k_sd, int64_t v_sb, int64_t v_st, int64_t v_sh,
                                        int64_t v_sd, int64_t total, bool ring) {
+  pdl_wait();
+  pdl_launch_dependents();
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = e % D;
@@ -676,8 +688,7 @@ void launch_mma(C cfg, const FwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.q_sd == 1 && p.k_sd == 1 && p.v_sd == 1, "attention (CUDA): internal error, MMA path needs unit D stride");
   allow_smem(cfg);
   const dim3 grid((p.R + C::BM - 1) / C::BM, p.Hkv * p.num_splits, p.B);
-  C::kernel<<<grid, kMmaThreads, C::smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(C::kernel, grid, kMmaThreads, C::smem, stream, p);
 }
 
 // MMA path inputs: unit stride in D, 16-byte aligned rows; anything else is copied contiguous.
@@ -738,25 +749,25 @@ void run_forward(FwdParams& p, const at::Tensor& q, bool mma, int64_t max_keys, 
     with_mma_config<kDecode>(dt, p.D, [&](auto cfg) { launch_mma(cfg, p, stream); });
   } else {
     const dim3 grid((p.R + kSimtWarps - 1) / kSimtWarps, p.Hkv * p.num_splits, p.B);
+    auto run = [&](auto kernel) { launch_pdl(kernel, grid, kSimtWarps * 32, 0, stream, p); };
     switch (dt) {
-      case at::kFloat: attn_fwd_simt_kernel<float, float, kDecode><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
-      case at::kDouble: attn_fwd_simt_kernel<double, double, kDecode><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
-      case at::kBFloat16: attn_fwd_simt_kernel<c10::BFloat16, float, kDecode><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
-      case at::kHalf: attn_fwd_simt_kernel<c10::Half, float, kDecode><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
+      case at::kFloat: run(attn_fwd_simt_kernel<float, float, kDecode>); break;
+      case at::kDouble: run(attn_fwd_simt_kernel<double, double, kDecode>); break;
+      case at::kBFloat16: run(attn_fwd_simt_kernel<c10::BFloat16, float, kDecode>); break;
+      case at::kHalf: run(attn_fwd_simt_kernel<c10::Half, float, kDecode>); break;
       default: TORCH_CHECK(false, op, " (CUDA): unsupported dtype ", dt);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.num_splits > 1) {
     const int64_t NR = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
     const dim3 grid(static_cast<unsigned>((NR + kSimtWarps - 1) / kSimtWarps));
+    auto run = [&](auto kernel) { launch_pdl(kernel, grid, kSimtWarps * 32, 0, stream, p); };
     switch (dt) {
-      case at::kFloat: attn_combine_kernel<float><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
-      case at::kBFloat16: attn_combine_kernel<c10::BFloat16><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
-      case at::kHalf: attn_combine_kernel<c10::Half><<<grid, kSimtWarps * 32, 0, stream>>>(p); break;
+      case at::kFloat: run(attn_combine_kernel<float>); break;
+      case at::kBFloat16: run(attn_combine_kernel<c10::BFloat16>); break;
+      case at::kHalf: run(attn_combine_kernel<c10::Half>); break;
       default: TORCH_CHECK(false, op, " (CUDA): internal error, split-K for ", dt);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -852,11 +863,11 @@ void kv_cache_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto tag) {
     using E = decltype(tag);
-    kv_cache_append_kernel<E><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        static_cast<E*>(k_cache.data_ptr()), static_cast<E*>(v_cache.data_ptr()),
-        static_cast<const E*>(k.data_ptr()), static_cast<const E*>(v.data_ptr()), lengths.data_ptr<int>(), Tn, S,
-        H, D, k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
-        v.stride(3), total, ring);
+    launch_pdl(kv_cache_append_kernel<E>, static_cast<unsigned>(blocks), threads, 0, stream,
+               static_cast<E*>(k_cache.data_ptr()), static_cast<E*>(v_cache.data_ptr()),
+               static_cast<const E*>(k.data_ptr()), static_cast<const E*>(v.data_ptr()), lengths.data_ptr<int>(), Tn,
+               S, H, D, k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
+               v.stride(3), total, ring);
   };
   switch (k_cache.element_size()) {
     case 2: launch(uint16_t{}); break;
@@ -864,7 +875,6 @@ void kv_cache_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tens
     case 8: launch(uint64_t{}); break;
     default: TORCH_CHECK(false, "kv_cache_append (CUDA): unsupported element size ", k_cache.element_size());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -50,12 +50,22 @@ __global__ void __launch_bounds__(kWarps * 32)
                        T* __restrict__ y, int64_t N, int64_t K) {
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kRows;
-  if (n0 >= N) return;  // whole warp
   const int64_t chunks = K / 8;
   const uint4* wr[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r)  // a row past N re-reads row n0 (its sums are not written)
     wr[r] = reinterpret_cast<const uint4*>(w + (n0 + r < N ? n0 + r : n0) * K);
+  // The weights of the first steps head for L2 while the previous kernel may still run (PDL).
+  if (n0 < N) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (lane + 32 * u < chunks) prefetch_l2(wr[r] + lane + 32 * u);
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+  if (n0 >= N) return;  // whole warp
   const uint4* xr = reinterpret_cast<const uint4*>(x);
   float acc[M][kRows];
 #pragma unroll
@@ -116,10 +126,7 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   const T* bp = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
   T* yp = y.mutable_data_ptr<T>();
   const unsigned blocks = grid_x(ceil_div(N, static_cast<int64_t>(kWarps) * kRows), "linear");
-  auto run = [&](auto kernel) {
-    kernel<<<blocks, kWarps * 32, 0, stream>>>(xp, wp, bp, yp, N, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
+  auto run = [&](auto kernel) { launch_pdl(kernel, blocks, kWarps * 32, 0, stream, xp, wp, bp, yp, N, K); };
   switch (M) {
     case 1: run(linear_gemv_kernel<T, 1>); break;
     case 2: run(linear_gemv_kernel<T, 2>); break;

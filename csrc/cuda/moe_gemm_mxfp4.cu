@@ -177,6 +177,8 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
   extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
+  pdl_wait();
+  pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   Bf16* out = static_cast<Bf16*>(p.out);
   const int active = p.tile_start[p.num_experts];
@@ -379,8 +381,7 @@ void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const 
                   static_cast<unsigned>(std::min<int64_t>({E, p.n_rows, 65535})));
   auto run = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm.bytes));
-    kernel<<<grid, kGvWarps * 32, sm.bytes, stream>>>(p, blocks, scales, sm.kc, sm.rs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_pdl(kernel, grid, kGvWarps * 32, sm.bytes, stream, p, blocks, scales, sm.kc, sm.rs);
   };
   // S: weight steps in flight per lane (S - 1 requested ahead of the math). One token group
   // (T <= 8 per expert, decode) leaves the SMs few warps: the bytes in flight set the bandwidth.
