@@ -159,7 +159,8 @@ struct GvRaw {
 // Tokens of the expert go in groups of 8 NT (n8 tiles of the mma); for each K chunk of kc elements
 // (a multiple of 128) their rows are staged as bfloat16 in shared memory: row stride rs bytes
 // (rs / 16 = 2 mod 8), 16-byte chunk c of block b at position 4b + ((c ^ (b >> 1)) & 1 | c & 2)
-// i.e. c ^ ((b >> 1) & 1), zero past K and past the expert's tokens, NaN for a bad row_index.
+// i.e. c ^ ((b >> 1) & 1), zero past K, NaN for a bad row_index; rows of absent tokens (past the
+// expert's count) are left as they are (they only reach mma columns that are never stored).
 //
 // mma mapping at step s, lane (g, t), block b = 4s + t, word q (elements 8q..8q+7 of the block),
 // half r: mma (q, r) takes virtual k {2t, 2t+1} <- real {8q + 4r, +1} and {2t+8, 2t+9} <- {8q + 4r + 2,
@@ -227,21 +228,23 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
 
         __syncthreads();  // previous chunk's readers are done
         const int cpr = kc / 8;  // 16-byte chunks per staged row
-        for (int q = tid; q < TOK * cpr; q += blockDim.x) {
+        // Only the group's real tokens are staged: the rows of absent tokens feed only their own
+        // mma columns (B column n = token n), whose sums are never stored, so whatever those rows
+        // hold is harmless. (A decode step has one token per expert: 1 row of 8.)
+        const int ntok = static_cast<int>(min(static_cast<int64_t>(TOK), cnt - tok0));
+        for (int q = tid; q < ntok * cpr; q += blockDim.x) {
           const int tok = q / cpr, c = q - tok * cpr;
           const int blk = c >> 2, wq = c & 3;
           const int64_t k = kc0 + 8 * static_cast<int64_t>(c);
           uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (tok0 + tok < cnt) {
-            const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
-            if (src < 0) {
-              v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
-            } else if (k < K) {
-              v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
-              if constexpr (SHIFT) {  // (x0..x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7)
-                v = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
-                               prmt(v.y, v.w, 0x7632u));
-              }
+          const int64_t src = gemm_src_row(p.row_index, lo + tok0 + tok, p.a_rows);
+          if (src < 0) {
+            v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
+          } else if (k < K) {
+            v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
+            if constexpr (SHIFT) {  // (x0..x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7)
+              v = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
+                             prmt(v.y, v.w, 0x7632u));
             }
           }
           *reinterpret_cast<uint4*>(xs + tok * rs + (blk * 4 + (wq ^ ((blk >> 1) & 1))) * 16) = v;
