@@ -4,7 +4,8 @@
 //
 // bfloat16 activations (16-byte aligned x and blocks, sm_80+), two regimes chosen from N / E:
 //   decode (N <= 32 E, a few rows per expert): mxfp4_gemv_kernel. Grid (M / 64 row slabs, active
-//     experts); each warp owns 16 weight rows and streams their blocks with 16-byte loads (lane
+//     experts), CTAs of 4 warps (8 when the grid is small: two K halves); each warp owns 16 weight
+//     rows (of its K part) and streams their blocks with 16-byte loads (lane
 //     (g, t) reads block 4s + t of rows 2g and 2g+1 at step s), decodes them in registers to
 //     bfloat16 (exact: twice the E2M1 value from a prmt table, times 2^(scale-128)) and feeds them
 //     as the A operand of mma.sync m16n8k16 against up to 8 NT of the expert's tokens staged in
@@ -154,8 +155,12 @@ struct GvRaw {
 
 // Decode regime, bfloat16. Grid (ceil(M / 64), min(E, N, 65535)); y walks j = blockIdx.y,
 // + gridDim.y, ... over the experts with rows (tile_start built with one "tile" per non-empty
-// expert, so the j-th active expert is tile_expert(j)). Block 128 threads = 4 warps; warp w owns
-// weight rows m0 + 16w + 2g (= "ma", A rows g) and m0 + 16w + 2g + 1 ("mb", A rows g + 8), g = lane / 4.
+// expert, so the j-th active expert is tile_expert(j)). Block 128 KS threads = 4 KS warps; warp w
+// is row group w % 4 and K part w / 4. Row group rg owns weight rows m0 + 16 rg + 2g (= "ma", A rows
+// g) and m0 + 16 rg + 2g + 1 ("mb", A rows g + 8), g = lane / 4; K part kp takes the 128-wide steps
+// s = kp, kp + KS, ... of each chunk. With KS > 1 the K parts' sums meet in shared memory (part 0
+// adds parts 1.. KS-1 in order) and part 0 writes the outputs: KS = 2 doubles the warps of a grid
+// too small to fill the SMs (a decode step's mlp2) without staging the tokens in more CTAs.
 // Tokens of the expert go in groups of 8 NT (n8 tiles of the mma); for each K chunk of kc elements
 // (a multiple of 128) their rows are staged as bfloat16 in shared memory: row stride rs bytes
 // (rs / 16 = 2 mod 8), 16-byte chunk c of block b at position 4b + ((c ^ (b >> 1)) & 1 | c & 2)
@@ -172,22 +177,24 @@ struct GvRaw {
 // (8q + 2j, 8q + 2j + 1)); true, mxfp4_decode8_pow126_bf16 (shifts and masks, ~30% fewer
 // instructions per step; pairs (8q + j, 8q + j + 4)), with the staged token chunks permuted to the
 // same pairs. Both give the same products; the order of the k inside an mma differs.
-template <int NT, bool FUSED, int S, bool SHIFT>
-__global__ void __launch_bounds__(kGvWarps * 32, 4)
+template <int NT, bool FUSED, int S, bool SHIFT, int KS>
+__global__ void __launch_bounds__(kGvWarps * 32 * KS, 4 / KS)
     mxfp4_gemv_kernel(const GemmParams<Bf16, float> p, const uint8_t* __restrict__ blocks,
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
   extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
   pdl_wait();
   pdl_launch_dependents();
+  static_assert(KS == 1 || KS == 2, "K parts");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const int rg = KS > 1 ? warp % kGvWarps : warp, kp = KS > 1 ? warp / kGvWarps : 0;
   Bf16* out = static_cast<Bf16*>(p.out);
   const int active = p.tile_start[p.num_experts];
   for (int j = blockIdx.y; j < active; j += gridDim.y) {  // block-uniform
     const int e = tile_expert(p.tile_start, p.num_experts, j);
     const int64_t lo = p.so[e], cnt = p.so[e + 1] - lo;
     const int64_t K = p.red, M = p.ncols, KB = K / 32;
-    const int64_t ma = static_cast<int64_t>(blockIdx.x) * kGvRows + warp * 16 + 2 * g, mb = ma + 1;
+    const int64_t ma = static_cast<int64_t>(blockIdx.x) * kGvRows + rg * 16 + 2 * g, mb = ma + 1;
     const uint8_t* ba = ma < M ? blocks + (static_cast<int64_t>(e) * M + ma) * KB * 16 : nullptr;
     const uint8_t* bb = mb < M ? blocks + (static_cast<int64_t>(e) * M + mb) * KB * 16 : nullptr;
     const uint8_t* sa = ma < M ? scales + (static_cast<int64_t>(e) * M + ma) * KB : nullptr;
@@ -202,13 +209,17 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
 
       for (int64_t kc0 = 0; kc0 < K; kc0 += kc) {
         const int steps = static_cast<int>(ceil_div_dev(min(static_cast<int64_t>(kc), K - kc0), 128));
-        const int64_t kb0 = kc0 / 32 + t4;  // this lane's block at step 0
-        auto load_step = [&](int s) {
+        const int nsteps = KS == 1 ? steps : (steps > kp ? (steps - kp + KS - 1) / KS : 0);  // this K part's
+        // The i-th step of this K part is step kp + KS i of the chunk: the lane's block there is
+        // blk0 + 4 KS i of the chunk.
+        const int blk0 = 4 * kp + t4;
+        const int64_t kb0 = kc0 / 32 + blk0;
+        auto load_step = [&](int i) {
           GvRaw r;
           r.a = r.b = make_uint4(0u, 0u, 0u, 0u);
           r.sa = r.sb = 127u;
-          const int64_t kbi = kb0 + 4 * s;
-          if (s < steps && kbi < KB) {
+          const int64_t kbi = kb0 + 4 * KS * i;
+          if (i < nsteps && kbi < KB) {
             if (ba != nullptr) {
               r.a = *reinterpret_cast<const uint4*>(ba + kbi * 16);
               r.sa = sa[kbi];
@@ -251,8 +262,8 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
         }
         __syncthreads();
 
-        // Step s: decode the lane's two weight blocks and multiply them with the staged tokens.
-        auto consume = [&](const GvRaw& r0, int s) {
+        // The i-th step: decode the lane's two weight blocks and multiply them with the staged tokens.
+        auto consume = [&](const GvRaw& r0, int i) {
           uint32_t wa[4][4], wb[4][4];  // [word q][pair]
           if constexpr (SHIFT) {
             const uint32_t ra[4] = {r0.a.x, r0.a.y, r0.a.z, r0.a.w}, rb[4] = {r0.b.x, r0.b.y, r0.b.z, r0.b.w};
@@ -286,7 +297,7 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
             decode8_bf16(r0.b.z, s2b, wb[2]);
             decode8_bf16(r0.b.w, s2b, wb[3]);
           }
-          const int blk = 4 * s + t4;
+          const int blk = blk0 + 4 * KS * i;
           const uint32_t sw = static_cast<uint32_t>((blk >> 1) & 1);
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
@@ -307,12 +318,33 @@ __global__ void __launch_bounds__(kGvWarps * 32, 4)
         // Step s sits in slot s % S. At step s the request for step s + S - 1 goes into the slot
         // that step s - 1 has just freed; u is unrolled, so every slot index is a constant
         // (registers, no local memory). Requests past the last step fetch nothing (load_step).
-        for (int s0 = 0; s0 < steps; s0 += S) {
+        for (int s0 = 0; s0 < nsteps; s0 += S) {
 #pragma unroll
           for (int u = 0; u < S; ++u) {
             r[(u + S - 1) % S] = load_step(s0 + u + S - 1);
-            if (s0 + u < steps) consume(r[u], s0 + u);  // block-uniform
+            if (s0 + u < nsteps) consume(r[u], s0 + u);  // warp-uniform
           }
+        }
+      }
+
+      if constexpr (KS > 1) {  // K parts 1.. add into part 0 through shared memory (fixed order)
+        float* red = reinterpret_cast<float*>(xs);  // [KS - 1][kGvWarps][32][NT * 4], host-sized
+        __syncthreads();  // every warp is done reading this group's staged tokens
+        if (kp > 0) {
+          float* dst = red + ((static_cast<int64_t>(kp - 1) * kGvWarps + rg) * 32 + lane) * (NT * 4);
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) dst[n * 4 + c] = acc[n][c];
+        }
+        __syncthreads();
+        if (kp > 0) continue;  // warp-uniform; the next group's staging starts with a barrier
+        for (int q = 1; q < KS; ++q) {
+          const float* src = red + ((static_cast<int64_t>(q - 1) * kGvWarps + rg) * 32 + lane) * (NT * 4);
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[n][c] += src[n * 4 + c];
         }
       }
 
@@ -382,17 +414,28 @@ void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const 
   const GvSmem sm = gemv_smem(p.red, 8 * nt);
   const dim3 grid(grid_x(ceil_div(p.ncols, kGvRows), "moe_grouped_gemm_mxfp4"),
                   static_cast<unsigned>(std::min<int64_t>({E, p.n_rows, 65535})));
+  // Two K parts per CTA when one token group's grid would leave half the SMs' 4-CTA slots empty
+  // (a decode step's mlp2: 180 CTAs for 528 slots on an H100): twice the warps streaming weights.
+  const bool split = nt == 1 && 2 * static_cast<int64_t>(grid.x) * grid.y <= 4 * static_cast<int64_t>(sm_count());
+  const int ks = split ? 2 : 1;
+  TORCH_CHECK(ks == 1 || sm.bytes >= (ks - 1) * kGvWarps * 32 * 4 * nt * static_cast<int>(sizeof(float)),
+              "moe_grouped_gemm_mxfp4: internal error, GEMV shared memory too small for the K-part sums");
   auto run = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm.bytes));
-    launch_pdl(kernel, grid, kGvWarps * 32, sm.bytes, stream, p, blocks, scales, sm.kc, sm.rs);
+    launch_pdl(kernel, grid, kGvWarps * 32 * ks, sm.bytes, stream, p, blocks, scales, sm.kc, sm.rs);
   };
   // S: weight steps in flight per lane (S - 1 requested ahead of the math). One token group
   // (T <= 8 per expert, decode) leaves the SMs few warps: the bytes in flight set the bandwidth.
   auto pick = [&](auto shift) {
     constexpr bool SH = decltype(shift)::value;
-    if (nt == 1) fused ? run(mxfp4_gemv_kernel<1, true, 5, SH>) : run(mxfp4_gemv_kernel<1, false, 5, SH>);
-    else if (nt == 2) fused ? run(mxfp4_gemv_kernel<2, true, 3, SH>) : run(mxfp4_gemv_kernel<2, false, 3, SH>);
-    else fused ? run(mxfp4_gemv_kernel<4, true, 3, SH>) : run(mxfp4_gemv_kernel<4, false, 3, SH>);
+    if (nt == 1) {
+      if (split) fused ? run(mxfp4_gemv_kernel<1, true, 5, SH, 2>) : run(mxfp4_gemv_kernel<1, false, 5, SH, 2>);
+      else fused ? run(mxfp4_gemv_kernel<1, true, 5, SH, 1>) : run(mxfp4_gemv_kernel<1, false, 5, SH, 1>);
+    } else if (nt == 2) {
+      fused ? run(mxfp4_gemv_kernel<2, true, 3, SH, 1>) : run(mxfp4_gemv_kernel<2, false, 3, SH, 1>);
+    } else {
+      fused ? run(mxfp4_gemv_kernel<4, true, 3, SH, 1>) : run(mxfp4_gemv_kernel<4, false, 3, SH, 1>);
+    }
   };
   if (gemv_shift_decode()) pick(std::true_type{});
   else pick(std::false_type{});
