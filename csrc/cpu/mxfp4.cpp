@@ -183,6 +183,19 @@ void split_row(const T* src, float* dst, int64_t k) {
     }
 }
 
+// Row layout of the bf16 direct kernel's input: per 64 elements (two blocks), the 32 even elements
+// then the 32 odd ones; k (a multiple of 32) padded with zeros to pair_len(k).
+inline int64_t pair_len(int64_t k) { return (k + 63) / 64 * 64; }
+
+inline void split_pairs_bf16(const at::BFloat16* src, at::BFloat16* dst, int64_t k) {
+  for (int64_t p = 0; p < k; p += 64)
+    for (int j = 0; j < 32; ++j) {
+      const bool in = p + 2 * j < k;  // (k % 64 == 32: the last pair's second block is padding)
+      dst[p + j] = in ? src[p + 2 * j] : at::BFloat16(0.f);
+      dst[p + 32 + j] = in ? src[p + 2 * j + 1] : at::BFloat16(0.f);
+    }
+}
+
 // h[r * ldh + (o - o0)] = sum_c W[o, c] * x_r[c] for weight rows o in [o0, o1) and NR input rows.
 template <int NR>
 void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t o1, const float* xs,
@@ -229,18 +242,54 @@ void direct_rows(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The same dot products for bfloat16 inputs on AVX512-BF16: each byte's two nibbles become a bf16
-// pair in natural element order (vpermw over the 16 doubled E2M1 values), vdpbf16ps multiplies
-// them with the input pairs (exact products, float sums), and the block's half scale is applied
-// with one fma. xb: [NR, ldx] bf16 rows in natural order. Two weight rows at a time (two memory
-// streams).
-#define GPTOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// The same dot products for bfloat16 inputs on AVX512-BF16, two 32-element blocks per step. The
+// 32 bytes widen to 32 words (one vpmovzxbw); vpermw over the 16 doubled E2M1 values (a 32-word
+// table, twice over) looks up the low nibbles as they are and the high nibbles after a 4-bit shift,
+// giving the step's even elements and its odd ones; vdpbf16ps multiplies them with the input's even
+// and odd elements (exact products, float sums: lanes 0-7 hold the first block's, 8-15 the second's)
+// and one fma applies the two blocks' half scales. xp: [NR, ldx] bf16 rows in the pair-split
+// layout of split_pairs_bf16. Two weight rows at a time (two memory streams).
+#define GPTOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+GPTOSS_BF16_TARGET inline __m512i load_pair_words(const uint8_t* b, bool two) {
+  return _mm512_cvtepu8_epi16(two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))
+                                  : _mm256_inserti128_si256(_mm256_setzero_si256(),
+                                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 0));
+}
+
+// Half scales of blocks b (lanes 0-7) and b + 1 (lanes 8-15; the same when there is no b + 1).
+GPTOSS_BF16_TARGET inline __m512 pair_scales(const float* hs, const uint8_t* s, int64_t b, bool two) {
+  return _mm512_mask_broadcastss_ps(_mm512_set1_ps(hs[s[b]]), 0xFF00, _mm_set_ss(hs[s[two ? b + 1 : b]]));
+}
+
+// One step of direct_rows_bf16: blocks b and b + 1 (two) of a weight row into acc[NR].
+template <int NR>
+GPTOSS_BF16_TARGET inline void pair_step(const __m512i lut, const float* hs, const uint8_t* bo, const uint8_t* so,
+                                         int64_t b, bool two, const at::BFloat16* xp, int64_t ldx, __m512 (&acc)[NR]) {
+  const __m512i raw = load_pair_words(bo + b * 16, two);
+  const __m512i lo = _mm512_permutexvar_epi16(raw, lut);
+  const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), lut);
+  const __m512 sc = pair_scales(hs, so, b, two);
+  for (int r = 0; r < NR; ++r) {
+    const at::BFloat16* xr = xp + r * ldx + b * 32;
+    const __m512bh xe = (__m512bh)_mm512_loadu_si512(xr), xo = (__m512bh)_mm512_loadu_si512(xr + 32);
+    const __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, xe), (__m512bh)hi, xo);
+    acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
+  }
+}
+
 template <int NR>
 GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0,
-                                         int64_t o1, const at::BFloat16* xb, int64_t ldx, float* h, int64_t ldh) {
+                                         int64_t o1, const at::BFloat16* xp, int64_t ldx, float* h, int64_t ldh) {
   const Tables& tb = tables();
   const __m512i lut = _mm512_load_si512(tb.twice_bf16);
-  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  const __m512 zero = _mm512_setzero_ps();
+  // Prefetches: the loop asks for the rows kPrefetchRows ahead into L2 (past the tile too: a
+  // prefetch never faults) and 2 rows ahead into L1; the tile's first kPrefetchRows rows here.
+  // Without them the kernel runs at half the speed (the hardware prefetcher does not keep up with
+  // the two row streams); into L2 leaves more misses in flight than L1's fill buffers allow.
+  for (int64_t i = o0 * g * 16; i < std::min(o1, o0 + kPrefetchRows) * g * 16; i += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + i), _MM_HINT_T1);
   int64_t o = o0;
   for (; o + 2 <= o1; o += 2) {
     const uint8_t* b0 = blocks + o * g * 16;
@@ -248,25 +297,17 @@ GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* s
     const uint8_t* s0 = scales + o * g;
     const uint8_t* s1 = s0 + g;
     __m512 acc0[NR], acc1[NR];
-    for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    const bool prefetch = o + 1 + kPrefetchRows < o1;  // (rows past the tile are another task's)
-    for (int64_t b = 0; b < g; ++b) {
-      if (prefetch && (b & 3) == 0) {  // rows kPrefetchRows ahead, one cache line per 4 blocks
-        _mm_prefetch(reinterpret_cast<const char*>(b0 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kPrefetchRows * g + b) * 16), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = zero;
+    for (int64_t b = 0; b < g; b += 2) {
+      if ((b & 3) == 0) {  // one cache line per 4 blocks
+        _mm_prefetch(reinterpret_cast<const char*>(b0 + (kPrefetchRows * g + b) * 16), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kPrefetchRows * g + b) * 16), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(b0 + (2 * g + b) * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b1 + (2 * g + b) * 16), _MM_HINT_T0);
       }
-      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + b * 16)));
-      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + b * 16)));
-      // dword j = (b_j & 15) | (b_j >> 4) << 16: word 2j indexes element 2j, word 2j+1 element 2j+1
-      const __m512i w0 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v0, _mm512_slli_epi32(v0, 12), nib, 0xA8), lut);
-      const __m512i w1 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v1, _mm512_slli_epi32(v1, 12), nib, 0xA8), lut);
-      const __m512 sc0 = _mm512_set1_ps(tb.half_scale[s0[b]]);
-      const __m512 sc1 = _mm512_set1_ps(tb.half_scale[s1[b]]);
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * ldx + b * 32);
-        acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, xv), sc0, acc0[r]);
-        acc1[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w1, xv), sc1, acc1[r]);
-      }
+      const bool two = b + 1 < g;
+      pair_step<NR>(lut, tb.half_scale, b0, s0, b, two, xp, ldx, acc0);
+      pair_step<NR>(lut, tb.half_scale, b1, s1, b, two, xp, ldx, acc1);
     }
     for (int r = 0; r < NR; ++r) {
       h[r * ldh + (o - o0)] = _mm512_reduce_add_ps(acc0[r]);
@@ -274,19 +315,10 @@ GPTOSS_BF16_TARGET void direct_rows_bf16(const uint8_t* blocks, const uint8_t* s
     }
   }
   for (; o < o1; ++o) {
-    const uint8_t* b0 = blocks + o * g * 16;
-    const uint8_t* s0 = scales + o * g;
     __m512 acc0[NR];
-    for (int r = 0; r < NR; ++r) acc0[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < g; ++b) {
-      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + b * 16)));
-      const __m512i w0 = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v0, _mm512_slli_epi32(v0, 12), nib, 0xA8), lut);
-      const __m512 sc0 = _mm512_set1_ps(tb.half_scale[s0[b]]);
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * ldx + b * 32);
-        acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, xv), sc0, acc0[r]);
-      }
-    }
+    for (int r = 0; r < NR; ++r) acc0[r] = zero;
+    for (int64_t b = 0; b < g; b += 2)
+      pair_step<NR>(lut, tb.half_scale, blocks + o * g * 16, scales + o * g, b, b + 1 < g, xp, ldx, acc0);
     for (int r = 0; r < NR; ++r) h[r * ldh + (o - o0)] = _mm512_reduce_add_ps(acc0[r]);
   }
 }
@@ -414,10 +446,14 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
   GPTOSS_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "moe_grouped_gemm_mxfp4", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    // Grouped inputs: split float rows for the direct kernel, rows in x's dtype for the tiled one.
+    // Grouped inputs: for the direct kernel split float rows (or pair-split bf16 rows), rows in x's
+    // dtype for the tiled one.
+    const int64_t kp = pair_len(kdim);
     at::Tensor xs = at::empty({direct.empty() || direct_bf16 ? 0 : n, kdim}, x.options().dtype(at::kFloat));
-    at::Tensor xg = at::empty({tiled.empty() && !direct_bf16 ? 0 : n, kdim}, x.options());
+    at::Tensor xp = at::empty({direct.empty() || !direct_bf16 ? 0 : n, kp}, x.options());
+    at::Tensor xg = at::empty({tiled.empty() ? 0 : n, kdim}, x.options());
     float* pxs = xs.mutable_data_ptr<float>();
+    scalar_t* pxp = xp.mutable_data_ptr<scalar_t>();
     scalar_t* pxg = xg.mutable_data_ptr<scalar_t>();
     // (a parallel region only when the copy is big enough to pay for waking the threads)
     at::parallel_for(0, e_count, std::max<int64_t>(1, e_count * (1 << 20) / std::max<int64_t>(1, n * kdim)),
@@ -426,10 +462,14 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
         const int64_t ne = grp.offsets[e + 1] - grp.offsets[e];
         for (int64_t r = grp.offsets[e]; r < grp.offsets[e + 1]; ++r) {
           const scalar_t* src = px + grp.src_row(r) * kdim;
-          if (ne <= kDirectMaxRows && !direct_bf16)
-            split_row(src, pxs + r * kdim, kdim);
-          else
+          if (ne > kDirectMaxRows) {
             std::copy(src, src + kdim, pxg + r * kdim);
+          } else if (direct_bf16) {  // (x is bfloat16)
+            split_pairs_bf16(reinterpret_cast<const at::BFloat16*>(src), reinterpret_cast<at::BFloat16*>(pxp) + r * kp,
+                             kdim);
+          } else {
+            split_row(src, pxs + r * kdim, kdim);
+          }
         }
       }
     });
@@ -454,7 +494,7 @@ at::Tensor moe_grouped_gemm_mxfp4(const at::Tensor& x_in, const c10::optional<at
             const int nr = static_cast<int>(std::min<int64_t>(8, ne - rr));
             if (direct_bf16)
               direct_rows_bf16_any(nr, pb + t.e * m * wrow, ps + t.e * m * g, g, t.o0, t.o0 + t.nt,
-                                   reinterpret_cast<const at::BFloat16*>(pxg) + (r0 + rr) * kdim, kdim,
+                                   reinterpret_cast<const at::BFloat16*>(pxp) + (r0 + rr) * kp, kp,
                                    h.data() + rr * t.nt, t.nt);
             else
               direct_rows_any(nr, pb + t.e * m * wrow, ps + t.e * m * g, g, t.o0, t.o0 + t.nt,
@@ -505,7 +545,7 @@ T* scratch(std::vector<T>& buf, int64_t n) {
 
 // out [T, d] for T <= kDirectMaxRows (every expert then has at most kDirectMaxRows grouped rows,
 // the direct kernels' range), as one run_phased call: (1) W1 tiles of every selected expert with
-// the bias and SwiGLU epilogue -> a [N, I]; (1b) float path only: a -> split float rows; (2)
+// the bias and SwiGLU epilogue -> a [N, I]; (1b) a -> the direct kernel's layout; (2)
 // column tiles of d, each running W2 for every selected expert, adding the bias, rounding y to
 // x's dtype and combining its tokens in slot order. Every step computes and rounds as the op
 // sequence does (the same direct kernels, epilogues and combine order).
@@ -543,21 +583,25 @@ void experts_decode(const at::Tensor& x, const at::Tensor& logits, int64_t k, co
     }
   }
 
-  // grouped inputs: bf16 rows, or split float rows; a [N, I] in x's dtype (+ split floats)
+  // grouped inputs: pair-split bf16 rows (xg, row stride kp1), or split float rows (xs); a [N, I]
+  // in x's dtype, then its rows split the same way for W2 (ap, stride kp2; or as)
   thread_local std::vector<float> fbuf;
   thread_local std::vector<scalar_t> sbuf;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
-  scalar_t* xg = scratch(sbuf, n * (bf16 ? d : 0) + n * inter);
-  scalar_t* a = xg + n * (bf16 ? d : 0);
+  const int64_t kp1 = pair_len(d), kp2 = pair_len(inter);
+  scalar_t* xg = scratch(sbuf, n * (bf16 ? kp1 + kp2 : 0) + n * inter);
+  scalar_t* ap = xg + n * (bf16 ? kp1 : 0);
+  scalar_t* a = ap + n * (bf16 ? kp2 : 0);
   float* xs = scratch(fbuf, bf16 ? 0 : n * (d + inter));
   float* as = xs + n * d;
-  for (int64_t r = 0; r < n; ++r) {
-    const scalar_t* src = px + static_cast<int64_t>(row_token[r]) * d;
-    if (bf16)
-      std::copy(src, src + d, xg + r * d);
-    else
-      split_row(src, xs + r * d, d);
-  }
+  // split a grouped row of length len (d or inter) into the direct kernels' layout
+  auto split = [&](const scalar_t* src, int64_t r, int64_t len, scalar_t* pairs, int64_t kp, float* floats) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bf16) return split_pairs_bf16(src, pairs + r * kp, len);
+    }
+    split_row(src, floats + r * len, len);
+  };
+  for (int64_t r = 0; r < n; ++r) split(px + static_cast<int64_t>(row_token[r]) * d, r, d, xg, kp1, xs);
 
   // task lists: tile sizes give every thread several tasks per phase
   const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
@@ -565,7 +609,7 @@ void experts_decode(const at::Tensor& x, const at::Tensor& logits, int64_t k, co
   const int64_t tile1 = std::clamp<int64_t>((n_active * two_i / (8 * nthr)) & ~int64_t{63}, 64, 512);
   const int64_t tile2 = std::clamp<int64_t>((d / (16 * nthr)) & ~int64_t{15}, 16, 256);
   const int64_t per_expert1 = (two_i + tile1 - 1) / tile1;
-  const int64_t n1 = n_active * per_expert1, n1b = bf16 ? 0 : n, n2 = (d + tile2 - 1) / tile2;
+  const int64_t n1 = n_active * per_expert1, n1b = n, n2 = (d + tile2 - 1) / tile2;
   const float* w = weights;
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
 
@@ -592,12 +636,12 @@ void experts_decode(const at::Tensor& x, const at::Tensor& logits, int64_t k, co
       float* h = scratch(hbuf, ne * nt);
       float* b = scratch(bbuf, nt);
       for (int64_t i = 0; i < nt; ++i) b[i] = static_cast<float>(pbias1[e * two_i + o0 + i]);
-      const void* in = bf16 ? static_cast<const void*>(xg + r0 * d) : xs + r0 * d;
-      gemv(pb1 + e * two_i * g1 * 16, ps1 + e * two_i * g1, g1, o0, nt, in, d, ne, h);
+      const void* in = bf16 ? static_cast<const void*>(xg + r0 * kp1) : xs + r0 * d;
+      gemv(pb1 + e * two_i * g1 * 16, ps1 + e * two_i * g1, g1, o0, nt, in, bf16 ? kp1 : d, ne, h);
       for (int64_t r = 0; r < ne; ++r) swiglu_row(h + r * nt, a + (r0 + r) * inter + o0 / 2, nt / 2, alpha, limit, b);
-    } else if (task < n1 + n1b) {  // (1b) grouped row r of a -> split floats
+    } else if (task < n1 + n1b) {  // (1b) grouped row r of a -> the direct kernels' layout
       const int64_t r = task - n1;
-      split_row(a + r * inter, as + r * inter, inter);
+      split(a + r * inter, r, inter, ap, kp2, as);
     } else {  // (2) output columns [c0, c0 + nc): W2 of every selected expert, bias, combine
       const int64_t c0 = (task - n1 - n1b) * tile2, nc = std::min(tile2, d - c0);
       float* h = scratch(hbuf, kDirectMaxRows * nc);
@@ -606,8 +650,8 @@ void experts_decode(const at::Tensor& x, const at::Tensor& logits, int64_t k, co
       for (int64_t e : active) {
         const int64_t r0 = offsets[e], ne = offsets[e + 1] - r0;
         for (int64_t i = 0; i < nc; ++i) b[i] = static_cast<float>(pbias2[e * d + c0 + i]);
-        const void* in = bf16 ? static_cast<const void*>(a + r0 * inter) : as + r0 * inter;
-        gemv(pb2 + e * d * g2 * 16, ps2 + e * d * g2, g2, c0, nc, in, inter, ne, h);
+        const void* in = bf16 ? static_cast<const void*>(ap + r0 * kp2) : as + r0 * inter;
+        gemv(pb2 + e * d * g2 * 16, ps2 + e * d * g2, g2, c0, nc, in, bf16 ? kp2 : inter, ne, h);
         for (int64_t r = 0; r < ne; ++r) bias_row(h + r * nc, y + (r0 + r) * nc, nc, b);
       }
       for (int64_t i = 0; i < t; ++i)  // moe_combine: float sum over the slots in order, one rounding
