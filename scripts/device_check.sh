@@ -4,12 +4,15 @@
 #   build     build with CUDA for sm_90, import, SASS check                      (~70 s on 16 cores)
 #   tests     the CUDA tests (-k cuda: CUDA-vs-CPU parity of every op, the CUDA model tests with
 #             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~70 s)
-#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph, with a
-#             kernel profile of the step; the demo (CUDA vs CPU logits)          (~1 min)
+#             then the decode-path ones again with GPTOSS_EXT_PDL=1              (~40 s, est.)
+#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph, for
+#             the kernel variants side by side (base, pdl, shift, pdl+shift; two rounds), with a
+#             kernel profile of the step; the demo (CUDA vs CPU logits)          (~2 min, est.)
 #   bench     GPU benchmarks: rms_norm, rope, attention, linear, MoE             (~1.5 min)
 #   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~40 s)
 #   profile   Nsight Compute on the decode GEMV (not in the default set; ~1 min)
-# Measured on an H100 (2026-11-26): build..sanitize took 243 s in all.
+# Measured on an H100 (2026-11-26): build..sanitize took 243 s in all (before tests_pdl and the
+# model variants). With 15 minutes of device time, start with `build tests model` (DEADLINE_S).
 # `scripts/device_check.sh` runs build..sanitize; `scripts/device_check.sh build tests` runs those. The
 # build stays on a warm machine between calls. DEADLINE_S=N (seconds from the start) shortens or
 # skips the steps that would run past it, so one call can take what fits and say what it skipped.

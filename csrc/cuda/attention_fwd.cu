@@ -142,8 +142,8 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const FwdPara
   constexpr int PK = BN / 16; // k-steps of O += P V
   constexpr int DT = D / 8;   // n-tiles (8 dims) of O
 
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][D]
   T* sK = sQ + BM * D;                     // [2][BN][D]
@@ -443,8 +443,8 @@ __device__ __forceinline__ A warp_sum(A x) {
 template <typename T, typename A, bool kDecode>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const FwdParams p) {
   __shared__ A sq[kSimtWarps][128];
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rr = blockIdx.x * kSimtWarps + warp;
   const int kvh = blockIdx.y / p.num_splits;
@@ -536,8 +536,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const Fw
 // ridx = (b * Hq + h) * Tq + i; grid.x = ceil(B*Hq*Tq / 4).
 template <typename T>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_combine_kernel(const FwdParams p) {
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t NR = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const int64_t ridx = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
@@ -583,8 +583,8 @@ __global__ void kv_cache_append_kernel(E* __restrict__ kc, E* __restrict__ vc, c
                                        int64_t S, int64_t H, int64_t D, int64_t k_sb, int64_t k_st,
                                        int64_t k_sh, int64_t k_sd, int64_t v_sb, int64_t v_st, int64_t v_sh,
                                        int64_t v_sd, int64_t total, bool ring) {
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = e % D;

@@ -55,16 +55,16 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < kRows; ++r)  // a row past N re-reads row n0 (its sums are not written)
     wr[r] = reinterpret_cast<const uint4*>(w + (n0 + r < N ? n0 + r : n0) * K);
-  // The weights of the first steps head for L2 while the previous kernel may still run (PDL).
+  // The warp's weight rows (up to 16 KB of each) head for L2 while earlier kernels may still run
+  // (PDL: a resident CTA waits below until its inputs are ready).
+  pdl_launch_dependents();
   if (n0 < N) {
+    const int64_t pf = chunks < 1024 ? chunks : 1024;
+    for (int64_t c = lane * 4; c < pf; c += 128)  // one 64-byte line (4 chunks) per prefetch
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        if (lane + 32 * u < chunks) prefetch_l2(wr[r] + lane + 32 * u);
+      for (int r = 0; r < kRows; ++r) prefetch_l2(wr[r] + c);
   }
   pdl_wait();
-  pdl_launch_dependents();
   if (n0 >= N) return;  // whole warp
   const uint4* xr = reinterpret_cast<const uint4*>(x);
   float acc[M][kRows];

@@ -245,8 +245,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
                            int32_t* __restrict__ so, int32_t* __restrict__ tile_start) {
   __shared__ int32_t key[kPrepMaxSlots];
   __shared__ int32_t hist[kPrepMaxExperts + 1];
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n = n_tokens * k;
   for (int t = warp; t < n_tokens; t += kRouteWarps) route_token(logits + static_cast<int64_t>(t) * E, E, k,
@@ -522,8 +522,8 @@ __global__ void __launch_bounds__(256)
                    int64_t n_tokens, int k, int64_t d, T* __restrict__ out) {
   using A = acc_t<T>;
   using V = Vec<T, VW>;
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int64_t nv = d / VW, total = n_tokens * nv;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {

@@ -183,8 +183,8 @@ __global__ void __launch_bounds__(kGvWarps * 32 * KS, 4 / KS)
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
   extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   static_assert(KS == 1 || KS == 2, "K parts");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const int rg = KS > 1 ? warp % kGvWarps : warp, kp = KS > 1 ? warp / kGvWarps : 0;

@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(VPT == 8 ? kFwdMaxTpr : 256)
                             float eps) {
   using V = Vec<T, VW>;
   __shared__ float red[32];
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kStreamMaxTpr)
   using A = acc_t<T>;
   using V = Vec<T, VW>;
   __shared__ A red[32];
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;

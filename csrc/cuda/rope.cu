@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kRopeThreads)
                 T* __restrict__ y, int64_t rows, int64_t Tn, int64_t H, int half, int64_t tab_bstride) {
   using A = acc_t<T>;
   using V = Vec<T, VW>;
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   int64_t p, h, b, t;

@@ -170,12 +170,14 @@ inline RowShape stream_row_shape(int64_t nvec, int max_tpr) {
 // Decode steps are chains of short kernels; with programmatic dependent launch (sm_90+) the next
 // kernel of the stream is scheduled while the current one still runs, so its launch latency and
 // prologue overlap instead of following. Kernels launched through launch_pdl keep this contract:
+//   - pdl_launch_dependents() first: once every CTA of this grid has started, the next kernel's
+//     CTAs may be scheduled where resources allow (and wait there in their own pdl_wait());
 //   - every thread calls pdl_wait() before it reads anything earlier stream work may have written
 //     or writes anything, and before it exits (so a grid never completes ahead of its
-//     predecessor: completion stays transitive along the chain);
-//   - before pdl_wait() only L2 prefetches (prefetch_l2) of tensors no kernel writes during the
-//     chain (weights); L2 is the coherence point, so even a stale guess costs only bandwidth;
-//   - pdl_launch_dependents() right after pdl_wait(): the next kernel may then be scheduled.
+//     predecessor: completion stays transitive along the chain, however far ahead it was
+//     scheduled);
+//   - before pdl_wait() only L2 prefetches (prefetch_l2) of weights; L2 is the coherence point,
+//     so a line prefetched before a write lands is updated by it: the cost is only bandwidth.
 // Both are no-ops when the grid was launched without the attribute or below sm_90.
 // GPTOSS_EXT_PDL=1 switches it on (read at each launch, as the measurement switch it is until a
 // GPU run has compared the two; docs/gpu-results.md); otherwise launch_pdl is a plain launch.
