@@ -28,16 +28,21 @@
 namespace gptoss::cpu {
 namespace {
 
-// e8m0_half_scale for every scale byte, and the 16 doubled E2M1 values (as floats, and as bf16 bits
-// twice over: a 32-word vpermw table).
+// e8m0_half_scale for every scale byte, the 16 doubled E2M1 values (as floats, and as bf16 bits
+// twice over: a 32-word vpermw table), and per scale byte s the 16 MXFP4 values at that scale as
+// bf16 bits (twice over), exact for s in 2..252 (their products stay normal bf16): one load gives
+// decode_rows_bf16 the vpermw table of a block.
 struct Tables {
   alignas(64) float half_scale[256];
   alignas(64) float twice[16];
   alignas(64) uint16_t twice_bf16[32];
+  alignas(64) uint16_t value_bf16[256][32];
   Tables() {
     for (uint32_t s = 0; s < 256; ++s) half_scale[s] = e8m0_half_scale(s);
     for (uint32_t n = 0; n < 16; ++n) twice[n] = e2m1_twice(n);
     for (int i = 0; i < 32; ++i) twice_bf16[i] = c10::BFloat16(twice[i & 15]).x;
+    for (uint32_t s = 0; s < 256; ++s)
+      for (int i = 0; i < 32; ++i) value_bf16[s][i] = c10::BFloat16(twice[i & 15] * half_scale[s]).x;
   }
 };
 const Tables& tables() {
@@ -359,10 +364,9 @@ void direct_rows_any(int nr, const uint8_t* blocks, const uint8_t* scales, int64
 
 // MXFP4 weight rows [o0, o0 + nt) -> bf16 rows [nt][32 g] (row-major; the tiled path's brgemm A
 // operand). Decoded values are exact in bf16 (at most 2 significant bits, float's exponent range),
-// so the bf16 bits are the float's upper 16 bits. Scale bytes 2..252 (all of gpt-oss): the doubled
-// E2M1 values come as bf16 from one vpermw and the scale 2^(s - 128) is an add to the exponent
-// field of the nonzero ones (exponents stay within 1..254, so the result is the exact product);
-// other scale bytes (subnormal or overflowing products) go through floats.
+// so the bf16 bits are the float's upper 16 bits. Scale bytes 2..252 (all of gpt-oss): one vpermw
+// over the block's scale's table of values (Tables::value_bf16); other scale bytes (subnormal or
+// overflowing products) go through floats.
 void decode_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, int64_t o0, int64_t nt,
                       at::BFloat16* dst) {
   const int64_t kdim = g * 32;
@@ -370,8 +374,7 @@ void decode_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, i
   const Tables& tb = tables();
   const __m512 lut = _mm512_load_ps(tb.twice);
   const __m512i low4 = _mm512_set1_epi32(15), high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512i lutw = _mm512_load_si512(tb.twice_bf16);
-  const __m512i nib = _mm512_set1_epi32(0x000F000F), magnitude = _mm512_set1_epi16(0x7FFF);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
   for (int64_t o = 0; o < nt; ++o) {
     const uint8_t* brow = blocks + (o0 + o) * g * 16;
     const uint8_t* srow = scales + (o0 + o) * g;
@@ -382,10 +385,8 @@ void decode_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t g, i
       __m512i r;
       if (s >= 2u && s <= 252u) {
         // dword i = (byte i & 15) | (byte i >> 4) << 16: word 2i indexes element 2i, 2i+1 the next
-        const __m512i w =
-            _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8), lutw);
-        r = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(w, magnitude), w,
-                                  _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(s) - 128) * 128)));
+        r = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8),
+                                     _mm512_load_si512(tb.value_bf16[s]));
       } else {
         const __m512 sc = _mm512_set1_ps(tb.half_scale[s]);
         const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), lut), sc);
