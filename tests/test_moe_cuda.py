@@ -668,10 +668,11 @@ def test_moe_mlp_grads_match_cpu(dtype):
         assert_close(a, c, dtype, scale=8)
 
 
-@pytest.mark.parametrize("T", [7, 513])
+@pytest.mark.parametrize("T", [1, 7, 513])
 def test_moe_mlp_mxfp4_real_size_matches_reference(T):
     # The whole block on native ops (gpt-oss-20b shapes, MXFP4 experts) against a float64 recomputation
     # with the same routing (the routing of bf16 logits is itself checked by the moe_route tests).
+    # T = 1 is a decode step: the four-launch path, mlp2 on the two-K-part GEMV CTAs.
     E, d, I, k = 32, 2880, 2880, 4
     x = torch.randn(T, d).bfloat16().to(DEV)
     gw, gb = (torch.randn(E, d) / math.sqrt(d)).bfloat16().to(DEV), (torch.randn(E) * 0.1).bfloat16().to(DEV)
