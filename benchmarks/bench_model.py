@@ -383,15 +383,19 @@ def gpu(a):
                 os.environ.update(env)
                 try:
                     for mode in ("eager", "cuda graph"):
-                        torch.cuda.reset_peak_memory_stats()
-                        caches = model.new_caches(1, a.context + a.steps + 64, max_step=a.context)
-                        logits = model(ctx, caches, last_only=True)
-                        tok = logits.argmax(-1).view(1, 1)
-                        step = (CUDAGraphDecoder(model, caches) if mode == "cuda graph"
-                                else (lambda t: model.decode_step(t, caches)))
-                        # greedy: each step's argmax is the next step's token (on the device, no host sync)
-                        t = time_fn(lambda: tok.copy_(step(tok)[:, -1].argmax(-1, keepdim=True)), dev, min_time=1.0,
-                                    warmup=3, max_iters=a.steps)
+                        try:  # a variant that fails (e.g. a switch's launch mode under graph capture) is a row
+                            torch.cuda.reset_peak_memory_stats()
+                            caches = model.new_caches(1, a.context + a.steps + 64, max_step=a.context)
+                            logits = model(ctx, caches, last_only=True)
+                            tok = logits.argmax(-1).view(1, 1)
+                            step = (CUDAGraphDecoder(model, caches) if mode == "cuda graph"
+                                    else (lambda t: model.decode_step(t, caches)))
+                            # greedy: each step's argmax is the next step's token (on the device, no host sync)
+                            t = time_fn(lambda: tok.copy_(step(tok)[:, -1].argmax(-1, keepdim=True)), dev,
+                                        min_time=1.0, warmup=3, max_iters=a.steps)
+                        except Exception as e:
+                            rows.append([rnd, variant, mode, f"failed: {e!r}"[:80]] + [""] * 5)
+                            continue
                         floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
                         rows.append([rnd, variant, mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}",
                                      f"{bw / floor:.0f}", f"{floor / t / bw:.2f}",
