@@ -52,6 +52,7 @@ using namespace gptoss::sm80;   // cuda/mma_sm80.cuh
 using gptoss::cuda::launch_pdl;  // cuda/utils.cuh: programmatic dependent launch
 using gptoss::cuda::pdl_launch_dependents;
 using gptoss::cuda::pdl_wait;
+using gptoss::cuda::sm_count;
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -604,15 +605,6 @@ __global__ void kv_cache_append_kernel(E* __restrict__ kc, E* __restrict__ vc, c
 
 // ------------------------------------------------------------------------------------ host side
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device] = n;
-  return n;
-}
-
 bool mma_aligned(const at::Tensor& t) {
   return t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -706,7 +698,7 @@ template <bool kDecode>
 void run_forward(FwdParams& p, const at::Tensor& q, bool mma, int64_t max_keys, const char* op) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType dt = q.scalar_type();
-  const int64_t sms = sm_count(q.get_device());
+  const int64_t sms = sm_count();  // (the caller's guard made q's device current)
   int64_t bm = kSimtWarps, slots = 16 * sms, units = 0, min_units = 1;
   if (mma) {
     with_mma_config<kDecode>(dt, p.D, [&](auto cfg) {

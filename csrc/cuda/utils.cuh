@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -116,11 +117,18 @@ inline unsigned grid_x(int64_t n, const char* op) {
   return static_cast<unsigned>(n);
 }
 
-// Streaming multiprocessors of the current device.
+// Streaming multiprocessors of the current device (queried once per device: launch paths ask).
 inline int sm_count() {
-  int dev = 0, n = 0;
+  static std::atomic<int> cache[64];
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < 64) cache[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 
