@@ -1,6 +1,8 @@
 """rms_norm: our kernel vs the eager PyTorch composite vs torch.nn.functional.rms_norm (and our
 CUDA kernel vs the same baselines when a GPU is present), with GB/s against the copy bandwidth
-measured in the same run. Shapes: gpt-oss prefill [4096, hidden] and decode [8, hidden]."""
+measured in the same run. Shapes: gpt-oss prefill [4096, hidden] and decode [8, hidden].
+add_rms_norm vs the add followed by our rms_norm or the eager composite (prefill and one decode
+row)."""
 import argparse
 
 import torch
@@ -38,6 +40,29 @@ def main():
                 rows.append([f"[{n}, {d}]", str(dtype).replace("torch.", ""), dev, name, t * 1e3,
                              nbytes / t / 1e9, nbytes / t / bw, t / ours])
     print_table("rms_norm forward", ["shape", "dtype", "device", "impl", "ms", "GB/s", "of copy BW", "time / ours"], rows)
+
+    # add_rms_norm (the model's residual add closed by the next norm) vs the two ops it replaces
+    arows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in (4096, 1):
+            x = torch.randn(n, d, device=dev).to(dtype)
+            r = torch.randn(n, d, device=dev).to(dtype)
+            w = torch.rand(d, device=dev) + 0.5
+            nbytes = 4 * x.numel() * x.element_size()  # read x, residual; write sum, out
+            fns = {"gptoss_ext add_rms_norm": lambda: ops.add_rms_norm(x, r, w),
+                   "x + r, then ops.rms_norm": lambda: ops.rms_norm(x + r, w),
+                   "x + r, then eager composite": lambda: eager(x + r, w)}
+            # two rounds in opposite orders, the lower median of each (on a shared CPU the first
+            # of a sequence of timings runs measurably slower)
+            times = {name: time_fn(fn, dev) for name, fn in fns.items()}
+            for name, fn in reversed(list(fns.items())):
+                times[name] = min(times[name], time_fn(fn, dev))
+            ours = times["gptoss_ext add_rms_norm"]
+            for name, t in times.items():
+                arows.append([f"[{n}, {d}]", str(dtype).replace("torch.", ""), dev, name, t * 1e3,
+                              nbytes / t / 1e9, nbytes / t / bw, t / ours])
+    print_table("add_rms_norm forward", ["shape", "dtype", "device", "impl", "ms", "GB/s", "of copy BW", "time / ours"],
+                arows)
 
     brows = []
     for dtype in (torch.bfloat16, torch.float32):

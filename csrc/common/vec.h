@@ -54,6 +54,16 @@ inline void store_f(T* p, const fVec& v, int64_t n = kVecSize) {
   }
 }
 
+// v rounded to T's precision (as storing to T and loading back would give), in registers.
+template <typename T>
+inline fVec round_f(const fVec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
 // Apply f(i, n) over [0, len) in vector steps: n == kVecSize for full steps, n < kVecSize once at
 // the tail.
 template <typename F>

@@ -35,8 +35,9 @@ void rms_norm_fwd(const T* x, const T* res, const float* w, T* y, T* sum, float*
         const T* rr = res + r * d;
         T* sr = sum + r * d;
         for_vec(d, [&](int64_t i, int64_t n) {
-          store_f(sr + i, load_f(xr + i, n) + load_f(rr + i, n), n);
-          const fVec v = load_f(sr + i, n);  // the rounded sum
+          // the sum rounded in registers (reading back a masked store would stall forwarding)
+          const fVec v = round_f<T>(load_f(xr + i, n) + load_f(rr + i, n));
+          store_f(sr + i, v, n);
           acc = at::vec::fmadd(v, v, acc);
         });
         xr = sr;
