@@ -17,47 +17,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
+from emu_build import EMU_LAUNCH_PDL, PRELUDE as BASE_PRELUDE, ROOT, compile_module, function_at
+
 import gptoss_ext  # noqa: E402,F401  (the CPU op, the reference here)
 
 
-def function_at(src, start):
-    """The text of the definition beginning at `start` (a unique prefix) through its closing brace."""
-    i = src.index(start)
-    j = src.index("{", i)
-    depth = 0
-    for k in range(j, len(src)):
-        depth += {"{": 1, "}": -1}.get(src[k], 0)
-        if depth == 0:
-            end = k + 1
-            if src[end:end + 1] == ";":
-                end += 1
-            return src[i:end]
-    raise ValueError(f"unbalanced braces after {start!r}")
-
-
-PRELUDE = r'''
-#include <torch/extension.h>
-#include "emu.h"
+PRELUDE = BASE_PRELUDE + r'''
 #include "common/moe_math.h"
-
-#include <cstdlib>
-#include <limits>
-
-inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return uint4{a, b, c, d}; }
-
-// __any_sync over the 32 lanes of the calling warp (the kernel calls it warp-uniformly).
-inline bool __any_sync(unsigned, bool p) {
-  const int w = ::emu::warp(), l = ::emu::lane();
-  ::emu::g_slot[w][l][0] = p ? 1u : 0u;
-  ::emu::g_warp_bar[w].wait();
-  bool r = false;
-  for (int i = 0; i < 32; ++i) r = r || ::emu::g_slot[w][i][0] != 0;
-  ::emu::g_warp_bar[w].wait();
-  return r;
-}
 
 namespace gptoss::cuda {
 
@@ -98,10 +64,7 @@ inline int sm_count() {
 }
 inline void pdl_wait() {}
 inline void pdl_launch_dependents() {}
-template <typename K, typename... Args>
-void launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
-  ::emu::launch(kernel, grid, block, smem, args...);
-}
+''' + EMU_LAUNCH_PDL + r'''
 
 using Bf16 = c10::BFloat16;
 '''
@@ -144,7 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv); }
 '''
 
 
-def generate(path):
+def generate():
     common = open(os.path.join(ROOT, "csrc/cuda/moe_common.cuh")).read()
     gemm = open(os.path.join(ROOT, "csrc/cuda/moe_gemm.cuh")).read()
     mx = open(os.path.join(ROOT, "csrc/cuda/moe_gemm_mxfp4.cu")).read()
@@ -163,23 +126,11 @@ def generate(path):
     s = s.replace("using gptoss::mxfp4", "//")
     s = re.sub(r"extern __shared__ __align__\(\d+\) uint8_t (\w+)\[\];", r"uint8_t* \1 = ::emu::smem_raw();", s)
     s = s.replace("mma_16816<Bf16>", "mma_16816<__nv_bfloat16>").replace("pack2<Bf16>", "pack2<__nv_bfloat16>")
-    s = s.replace("GPTOSS_NEED_SM80();", "")
-    with open(path, "w") as f:
-        f.write(s)
+    return s.replace("GPTOSS_NEED_SM80();", "")
 
 
-def build(quick):
-    from torch.utils.cpp_extension import load
-    out_dir = os.path.join(os.environ.get("EMU_BUILD", "/tmp/gemv_emu"))
-    os.makedirs(out_dir, exist_ok=True)
-    src = os.path.join(out_dir, "gemv_emu.cpp")
-    generate(src)
-    t = time.time()
-    mod = load(name="gemv_emu", sources=[src], extra_include_paths=[os.path.join(ROOT, "csrc"), HERE],
-               extra_cflags=["-O1", "-g0", "-mf16c", "-Wno-unknown-pragmas", "-std=c++20"], build_directory=out_dir,
-               verbose=False)
-    print(f"built in {time.time() - t:.0f} s")
-    return mod
+def build():
+    return compile_module("gemv_emu", generate())
 
 
 def case(mod, E, counts, K, M, fused, ri_mode, seed, shift):
@@ -227,7 +178,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    mod = build(a.quick)
+    mod = build()
     cases = [
         # decode-like: one token per expert, 4 of 8 experts active; K past one 128-step, M past one CTA
         dict(E=8, counts=[1, 0, 0, 1, 1, 0, 1, 0], K=352, M=160, fused=True, ri_mode="index"),

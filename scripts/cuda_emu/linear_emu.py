@@ -5,18 +5,17 @@ of the test suite. Usage, from the repository root with the extension built:
 
     python scripts/cuda_emu/linear_emu.py
 """
-import os
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from rms_norm_emu import build  # noqa: E402  (also puts the repository on sys.path)
+from emu_build import compile_module, whole_file
+
+import gptoss_ext  # noqa: E402,F401  (the CPU kernel, the reference here)
 
 
 def main():
-    mod = build("linear.cu", ["linear"], "linear_emu")
+    mod = compile_module("linear_emu", whole_file("linear.cu", ["linear"]))
     fails = 0
     # (rows, N, K): one row of gpt-oss's router and out projection, a few rows of odd widths
     for M, N, K in [(1, 32, 2880), (1, 2880, 4096), (2, 33, 520), (3, 17, 64), (4, 40, 136), (1, 1, 8)]:

@@ -2,80 +2,22 @@
 host code) on the CPU emulator of emu.h and compares every result with the CPU kernels.
 
 cuda/utils.cuh is inlined with its launch helper pointed at the emulator; the file's op
-registration is replaced by a Python module (generate/build here serve linear_emu.py too). For sessions without a GPU; not part of the test
+registration is replaced by a Python module (emu_build.whole_file). For sessions without a GPU; not part of the test
 suite. Usage, from the repository root with the extension built:
 
     python scripts/cuda_emu/rms_norm_emu.py
 """
-import os
-import re
 import sys
-import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [ROOT, HERE]
+from emu_build import compile_module, whole_file
+
 import gptoss_ext  # noqa: E402,F401  (the CPU kernels, the reference here)
-from gemv_emu import function_at  # noqa: E402
-
-PRELUDE = r'''
-#include <torch/extension.h>
-#include "emu.h"
-
-inline int cudaGetDevice(int* d) { *d = 0; return 0; }
-struct alignas(16) float4 { float x, y, z, w; };
-inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return uint4{a, b, c, d}; }
-template <typename T> T __ldg(const T* p) { return *p; }
-template <typename T> T __ldcs(const T* p) { return *p; }
-'''
-
-
-def strip_includes(s):
-    return re.sub(r'#include <(c10/cuda/[^>]+|cuda_runtime\.h|cuda_bf16\.h|cuda_fp16\.h)>\n', "", s)
-
-
-def generate(cu, exports, path):
-    """Host C++ for csrc/cuda/<cu>: utils.cuh inlined (launches on the emulator), the CUDA
-    registration replaced by a Python module exporting `exports` (names in gptoss::cuda)."""
-    utils = strip_includes(open(os.path.join(ROOT, "csrc/cuda/utils.cuh")).read()).replace("#pragma once", "")
-    launch = function_at(utils, "template <typename... Params, typename... Args>\nvoid launch_pdl")
-    utils = utils.replace(launch, '''template <typename K, typename... Args>
-void launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
-  ::emu::launch(kernel, grid, block, smem, args...);
-}''')
-    utils = utils.replace(function_at(utils, "inline bool pdl_enabled()"), "inline bool pdl_enabled() { return false; }")
-    src = strip_includes(open(os.path.join(ROOT, "csrc/cuda", cu)).read())
-    src = src.replace('#include "cuda/utils.cuh"\n', "")
-    src = src[:src.index("TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m)")] + "}  // namespace gptoss::cuda\n"
-    src = src.replace("__shared__", "static")  # one CTA runs at a time: a static is its shared memory
-    pat = re.compile(r'([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);', re.S)
-    src = pat.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2).rsplit(',', 1)[0]}, {m.group(3)});", src)
-    assert "<<<" not in src
-    tail = "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
-        f'  m.def("{e}", &gptoss::cuda::{e});\n' for e in exports) + "}\n"
-    with open(path, "w") as f:
-        f.write(PRELUDE + utils + src + tail)
-
-
-def build(cu, exports, name):
-    from torch.utils.cpp_extension import load
-    out_dir = os.path.join(os.environ.get("EMU_BUILD", "/tmp"), name)
-    os.makedirs(out_dir, exist_ok=True)
-    src = os.path.join(out_dir, name + ".cpp")
-    generate(cu, exports, src)
-    t = time.time()
-    mod = load(name=name, sources=[src, os.path.join(ROOT, "csrc/common/checks.cpp")],
-               extra_include_paths=[os.path.join(ROOT, "csrc"), HERE],
-               extra_cflags=["-O1", "-g0", "-mf16c", "-Wno-unknown-pragmas", "-std=c++20"], build_directory=out_dir)
-    print(f"built in {time.time() - t:.0f} s")
-    return mod
 
 
 def main():
-    mod = build("rms_norm.cu", ["rms_norm", "add_rms_norm", "rms_norm_backward"], "rms_norm_emu")
+    mod = compile_module("rms_norm_emu", whole_file("rms_norm.cu", ["rms_norm", "add_rms_norm", "rms_norm_backward"]))
     ops = torch.ops.gptoss_ext
     fails = 0
     # register kernels of 2880 (gpt-oss), several rows per warp (24), odd / misaligned rows (scalar
