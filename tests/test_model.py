@@ -259,3 +259,35 @@ def test_parity_with_transformers_from_our_checkpoint(tmp_path):
     tokens = torch.randint(0, TINY.vocab_size, (2, 20))
     with torch.no_grad():
         assert rel_err(hf(tokens).logits, ours(tokens)) < 1e-4
+
+
+def test_parity_with_transformers_mxfp4_hf_checkpoint(tmp_path):
+    """MXFP4 experts against an independent decoder: our model with MXFP4 experts is saved in the
+    OpenAI layout, converted by the CLI to the HF layout with the experts kept MXFP4 (the hub's
+    gpt-oss format: `*_proj_blocks` / `*_proj_scales`, `quantization_config`), and loaded by
+    transformers, which dequantizes them with its own code on a CPU. Same logits in fp32 (the
+    dequantized values are exact there), so the nibble order, the scale bias and the tensor
+    names and shapes agree with what transformers reads from the published checkpoints."""
+    pytest.importorskip("accelerate", reason="transformers loads MXFP4 checkpoints through accelerate")
+    ours = Transformer.from_config(TINY, seed=8, mxfp4=True, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    ours.save_checkpoint(str(tmp_path / "openai"), progress=False)
+    from gptoss.cli import main as cli
+    cli(["convert", str(tmp_path / "openai"), str(tmp_path / "hf"), "--layout", "hf", "-q"])
+    import json
+    hf_config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_config["quantization_config"]["quant_method"] == "mxfp4"
+    hf = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    experts = hf.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32  # dequantized by transformers, not by us
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    loaded = Transformer.from_checkpoint(str(tmp_path / "hf"), dtype=torch.float32, progress=False)
+    assert loaded.block[0].mlp.mxfp4  # kept MXFP4 on our side
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert rel_err(ours(tokens), expected) < 1e-5
+        assert rel_err(loaded(tokens), expected) < 1e-5
