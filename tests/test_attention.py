@@ -574,16 +574,18 @@ def test_property_against_oracle(b, tq, extra_k, hkv, group, d, dtype, window, q
     check_forward(q, k, v, s, window, q_offset)
 
 
-def test_decode_bf16_without_amx():
-    """bf16 decode runs its products on AMX tiles where the CPU has them, else with vdpbf16ps:
-    rerun the decode and single-query tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that both
-    are tested on an AMX machine (elsewhere both runs take the same path)."""
+def test_bf16_without_amx():
+    """bf16 runs its products on AMX tiles where the CPU has them (prefill and decode), else with
+    vdpbf16ps (decode) or the float FMA GEMM (prefill): rerun the forward, decode and single-query
+    tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that every path is tested on an AMX machine
+    (elsewhere both runs take the same paths)."""
     import os
     import subprocess
     import sys
     env = dict(os.environ, GPTOSS_EXT_NO_AMX="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "(decode or Tq1) and not without_amx"],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "(decode or Tq1 or forward_matches_oracle or forward_1024 or empty_rows or extreme_sinks)"
+                        " and not without_amx"],
                        env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout

@@ -565,9 +565,10 @@ struct FwdScratch {
     if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
     if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
-    if (static_cast<int64_t>(sc.pp.size()) < std::max<int64_t>(rows, 16) * kBK / 2)
-      sc.pp.resize(std::max<int64_t>(rows, 16) * kBK / 2);
-    if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);  // heads * D / 2 * 16, heads <= rows
+    if (static_cast<int64_t>(sc.pp.size()) < round_up(rows, 16) * kBK / 2)  // whole 16-row AMX groups
+      sc.pp.resize(round_up(rows, 16) * kBK / 2);
+    // heads x groups x D / 2 x 16 words, heads x groups * 16 <= 16 * rows
+    if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);
     if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
     if (static_cast<int64_t>(sc.stage.size()) < 16 * D) sc.stage.resize(16 * D);
     return sc;
@@ -588,15 +589,18 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t G = P.G(), D = P.D, Dp = round_up(D, VS), R = (t1 - t0) * G;  // R rows per head
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
+  const int64_t ng = (R + 15) / 16;  // AMX row groups of a head
 #if defined(CPU_CAPABILITY_AVX512)
-  // Few rows per head (decode): K's conversion and transpose cost as much as the products, and
-  // the pair form halves them; prefill's many rows keep the float FMA GEMM. Both products then
-  // take bf16 operands (P rounded to bf16) and float sums: vdpbf16ps, or AMX tiles (up to 16
-  // rows per head) where the CPU and kernel allow; GPTOSS_EXT_NO_AMX set in the environment keeps
-  // vdpbf16ps (so the tests cover both on an AMX machine).
-  const bool dp_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && R <= 32 && D % 32 == 0 && cpu_has_avx512_bf16();
+  // bf16 products (bf16 operands, P rounded to bf16 as a GPU's P V MMA does, float sums): on AMX
+  // tiles for any number of rows (16-row groups per head), where the CPU and kernel allow; else
+  // with vdpbf16ps for few rows per head (decode: there K's conversion and transpose cost as much
+  // as the products, and the pair form halves them), while the many rows of a prefill keep the
+  // float FMA GEMM. GPTOSS_EXT_NO_AMX set in the environment keeps AMX off (so that the tests
+  // cover both paths on an AMX machine).
+  const bool bf16_ok = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_has_avx512_bf16();
   static const bool amx_allowed = getenv("GPTOSS_EXT_NO_AMX") == nullptr;
-  const bool use_amx = dp_bf16 && R <= 16 && amx_allowed && cpu_use_amx();
+  const bool use_amx = bf16_ok && amx_allowed && cpu_use_amx();
+  const bool dp_bf16 = use_amx || (bf16_ok && R <= 32);
 #else
   constexpr bool dp_bf16 = false, use_amx = false;
 #endif
@@ -612,7 +616,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
 #if defined(CPU_CAPABILITY_AVX512)
   if (use_amx) {
     for (int64_t hh = 0; hh < h1 - h0; ++hh)
-      qk_amx_prepare(sc.qp.data() + hh * R * D / 2, R, D, sc.qt.data() + hh * D / 2 * 16);
+      for (int64_t g = 0; g < ng; ++g)
+        qk_amx_prepare(sc.qp.data() + (hh * R + 16 * g) * D / 2, std::min<int64_t>(16, R - 16 * g), D,
+                       sc.qt.data() + (hh * ng + g) * D / 2 * 16);
     qk_amx_config();
   }
 #endif
@@ -669,8 +675,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
       if constexpr (std::is_same_v<acc_t, float>) {
         if (use_amx) {
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-            qk_amx(kh + sa * kst, kh, kst, n1, n, D, sc.qt.data() + hh * D / 2 * 16, R, sc.st.data(),
-                   sc.stage.data(), S);
+            for (int64_t g = 0; g < ng; ++g)
+              qk_amx(kh + sa * kst, kh, kst, n1, n, D, sc.qt.data() + (hh * ng + g) * D / 2 * 16,
+                     std::min<int64_t>(16, R - 16 * g), sc.st.data(), sc.stage.data(), S + 16 * g * kBK);
         } else if (dp_bf16) {
           qk_bf16(R, D, sc.qp.data() + hh * R * D / 2, sc.kp.data(), S);
         }
@@ -691,7 +698,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
           std::fill(sr, sr + ra, attn_neg_inf<acc_t>());
         }
         std::fill(sr + re, sr + np, attn_neg_inf<acc_t>());
-        const acc_t alpha = softmax_update_max<false>(m[r], row_max(sr, np) * P.scale);
+        // (when the max does not rise, alpha is exactly 1: skip its exp, one per row and tile)
+        const acc_t block_max = row_max(sr, np) * P.scale;
+        const acc_t alpha = block_max > m[r] ? softmax_update_max<false>(m[r], block_max) : acc_t(1);
         const acc_t sum = exp_row<acc_t, FAST>(sr, np, P.scale, softmax_offset(m[r]));
         l[r] = l[r] * alpha + sum;
         if (alpha != acc_t(1)) scale_row(o + r * Dp, alpha, Dp);
@@ -704,7 +713,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
           for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
           const int64_t npairs = (n + 1) / 2;
           if (use_amx) {
-            pv_amx(pp, R, sc.vp.data(), npairs, D, sc.st.data(), o, Dp);
+            for (int64_t g = 0; g < ng; ++g)
+              pv_amx(pp + 16 * g * (kBK / 2), std::min<int64_t>(16, R - 16 * g), sc.vp.data(), npairs, D,
+                     sc.st.data(), o + 16 * g * Dp, Dp);
             continue;
           }
           int64_t c0 = 0;
