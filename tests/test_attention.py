@@ -575,16 +575,16 @@ def test_property_against_oracle(b, tq, extra_k, hkv, group, d, dtype, window, q
 
 
 def test_bf16_without_amx():
-    """bf16 runs its products on AMX tiles where the CPU has them (prefill and decode), else with
-    vdpbf16ps (decode) or the float FMA GEMM (prefill): rerun the forward, decode and single-query
-    tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that every path is tested on an AMX machine
+    """bf16 runs its products on AMX tiles where the CPU has them (prefill, decode, the backward's
+    S and dP), else with vdpbf16ps (decode) or the float FMA GEMM: rerun the forward, backward,
+    decode and single-query tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that every path is tested on an AMX machine
     (elsewhere both runs take the same paths)."""
     import os
     import subprocess
     import sys
     env = dict(os.environ, GPTOSS_EXT_NO_AMX="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "(decode or Tq1 or forward_matches_oracle or forward_1024 or empty_rows or extreme_sinks)"
+                        "(decode or Tq1 or forward_matches_oracle or forward_1024 or empty_rows or extreme_sinks or gradient)"
                         " and not without_amx"],
                        env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

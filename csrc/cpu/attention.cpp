@@ -365,8 +365,11 @@ __attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* s,
 // Q K^T on AMX (TDPBF16PS), when the CPU has it and the kernel lets this process use it: per
 // 16-key block, S^T[key][r] = K[key][:] . Q[r][:] with A = the 16 cache rows of K as they are (no
 // transpose) and B = Q^T in pair form (qk_amx_prepare), then S^T is transposed to S's rows.
+// (The backward's dP = dO V^T is the same product.) cpu_use_amx(): AMX-BF16 present, the tile
+// state granted to this process, and GPTOSS_EXT_NO_AMX not set; asked once.
 inline bool cpu_use_amx() {
   static const bool ok = [] {
+    if (getenv("GPTOSS_EXT_NO_AMX") != nullptr) return false;  // (so the tests cover the other paths)
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
   }();
@@ -399,13 +402,12 @@ __attribute__((target("amx-tile"))) inline void qk_amx_release() { _tile_release
 // qt[(s * 16 + p) * 16 + r] = pair (q[r][32 s + 2 p], q[r][32 s + 2 p + 1]) for r < R <= 16 (0
 // for r >= R); q: R rows of D / 2 pairs (as float bit patterns).
 inline void qk_amx_prepare(const float* q, int64_t R, int64_t D, uint32_t* qt) {
-  for (int64_t s = 0; s < D / 32; ++s)
-    for (int64_t p = 0; p < 16; ++p)
-      for (int64_t r = 0; r < 16; ++r) {
-        uint32_t w = 0;
-        if (r < R) std::memcpy(&w, q + r * (D / 2) + s * 16 + p, 4);
-        qt[(s * 16 + p) * 16 + r] = w;
-      }
+  for (int64_t s = 0; s < D / 32; ++s) {
+    __m512 r[16];
+    for (int64_t i = 0; i < 16; ++i) r[i] = i < R ? _mm512_loadu_ps(q + i * (D / 2) + s * 16) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(qt + (s * 16 + p) * 16), r[p]);
+  }
 }
 
 // S[r][0:np] (row stride kBK, np = round_up(n, 16)) for r < R <= 16 from the n <= kBK key rows
@@ -598,8 +600,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   // float FMA GEMM. GPTOSS_EXT_NO_AMX set in the environment keeps AMX off (so that the tests
   // cover both paths on an AMX machine).
   const bool bf16_ok = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_has_avx512_bf16();
-  static const bool amx_allowed = getenv("GPTOSS_EXT_NO_AMX") == nullptr;
-  const bool use_amx = bf16_ok && amx_allowed && cpu_use_amx();
+  const bool use_amx = bf16_ok && cpu_use_amx();
   const bool dp_bf16 = use_amx || (bf16_ok && R <= 32);
 #else
   constexpr bool dp_bf16 = false, use_amx = false;
@@ -951,10 +952,25 @@ struct BwdProblem {
 template <typename acc_t>
 struct BwdScratch {
   std::vector<acc_t> kt, vt, kn, dk, dv, qb, dob, p, ds;
-  BwdScratch(int64_t rows, int64_t D, int64_t Dp)
+  // bf16 on AMX (S and dP): the block's Q and dO rows as bf16 pairs (float bit patterns), their
+  // transposed 16-row groups (qk_amx_prepare), S^T scratch and staged key rows (qk_amx).
+  std::vector<float> qp, dop;
+  std::vector<uint32_t> qt, dot;
+  std::vector<float> st;
+  std::vector<c10::BFloat16> stage;
+  BwdScratch(int64_t rows, int64_t D, int64_t Dp, bool amx)
       : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)),
         dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
-        ds(rows * kBK) {}
+        ds(rows * kBK) {
+    if (amx) {
+      qp.resize(rows * D / 2);
+      dop.resize(rows * D / 2);
+      qt.resize(round_up(rows, 16) * D / 2);
+      dot.resize(round_up(rows, 16) * D / 2);
+      st.resize(16 * kBK);
+      stage.resize(16 * D);
+    }
+  }
 };
 
 // Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
@@ -998,10 +1014,22 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   // 3. dK, dV per key tile; dQ partials per tile class c.
   const int64_t BQ = std::clamp<int64_t>(kRowsTarget / G, 1, std::max<int64_t>(Tq, 1)), R = BQ * G;
   const int64_t ntiles = (Tk + kBK - 1) / kBK;
-  const auto make_scratch = [&] { return BwdScratch<acc_t>(R, D, Dp); };
+  // bf16 with D % 32 == 0 on AMX: S = Q K^T and dP = dO V^T on tiles (exact bf16 products,
+  // float sums, as the float GEMM computes them). The three accumulating products stay float
+  // GEMMs: rounding P and dS to bf16 for tiles (as a GPU's MMAs take them) doubled dQ's error
+  // against the float64 oracle, past the bf16 tests' bound.
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool use_amx = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_use_amx();
+#else
+  constexpr bool use_amx = false;
+#endif
+  const auto make_scratch = [&] { return BwdScratch<acc_t>(R, D, Dp, use_amx); };
   const int64_t work = 5 * B * Hq * Tq * (P.window > 0 ? std::min(P.window, Tk) : Tk) * D;
   parallel_units(B * Hkv * C, work, make_scratch, [&](int64_t u, BwdScratch<acc_t>& sc) {
     const int64_t c = u % C, bh = u / C, b = bh / Hkv, h = bh % Hkv;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (use_amx) qk_amx_config();
+#endif
     acc_t* dq = dq_part + (c * B * Hkv + bh) * Tq * G * Dp;
     std::fill(dq, dq + Tq * G * Dp, acc_t(0));
     const acc_t* Dr = Drow.data() + bh * Tq * G;
@@ -1020,8 +1048,10 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         continue;
       }
       for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
-      load_transposed(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kt.data(), kBK);
-      load_transposed(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.vt.data(), kBK);
+      if (!use_amx) {
+        load_transposed(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kt.data(), kBK);
+        load_transposed(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.vt.data(), kBK);
+      }
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
@@ -1031,11 +1061,32 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
             const int64_t src = ((b * Tq + t) * Hq + h * G + g) * D, r = (t - t0) * G + g;
             load_row(P.q + src, sc.qb.data() + r * Dp, D);
             load_row(P.dout + src, sc.dob.data() + r * Dp, D);
+            if (use_amx) {
+              std::memcpy(sc.qp.data() + r * D / 2, P.q + src, D * sizeof(scalar_t));
+              std::memcpy(sc.dop.data() + r * D / 2, P.dout + src, D * sizeof(scalar_t));
+            }
           }
         acc_t* Pm = sc.p.data();
         acc_t* dS = sc.ds.data();
-        gemm<acc_t, false, false>(rows, np, D, sc.qb.data(), Dp, sc.kt.data(), kBK, Pm, kBK);
-        gemm<acc_t, false, false>(rows, np, D, sc.dob.data(), Dp, sc.vt.data(), kBK, dS, kBK);
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (use_amx) {
+            for (int64_t g = 0; g * 16 < rows; ++g) {
+              const int64_t rg = std::min<int64_t>(16, rows - 16 * g);
+              qk_amx_prepare(sc.qp.data() + 16 * g * D / 2, rg, D, sc.qt.data() + g * D / 2 * 16);
+              qk_amx_prepare(sc.dop.data() + 16 * g * D / 2, rg, D, sc.dot.data() + g * D / 2 * 16);
+              qk_amx(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.qt.data() + g * D / 2 * 16, rg, sc.st.data(),
+                     sc.stage.data(), Pm + 16 * g * kBK);
+              qk_amx(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.dot.data() + g * D / 2 * 16, rg, sc.st.data(),
+                     sc.stage.data(), dS + 16 * g * kBK);
+            }
+          }
+        }
+#endif
+        if (!use_amx) {
+          gemm<acc_t, false, false>(rows, np, D, sc.qb.data(), Dp, sc.kt.data(), kBK, Pm, kBK);
+          gemm<acc_t, false, false>(rows, np, D, sc.dob.data(), Dp, sc.vt.data(), kBK, dS, kBK);
+        }
         const bool interior = a >= attn_first_visible(P.q_offset + t1 - 1, P.window) && e <= P.q_offset + t0 + 1;
         using V = AVec<acc_t>;
         const V vscale(P.scale);
@@ -1073,6 +1124,9 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         store_row(sc.dv.data() + i * Dp, acc_t(1), P.dv + kbase + i * Hkv * D, D);
       }
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if (use_amx) qk_amx_release();
+#endif
   });
 }
 
