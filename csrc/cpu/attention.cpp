@@ -5,8 +5,9 @@
 // one kv head per unit for prefill, all of them (up to kMaxUnitRows rows) when there is a single
 // query block (decode), so a unit streams whole contiguous cache rows. Its rows are the block's
 // positions x the G = Hq/Hkv query heads of each of its kv heads, so each K/V tile is loaded
-// (converted to float, K transposed; in bf16 decode, K as raw pairs for AVX512-BF16 or in place
-// for AMX, V as pairs of keys) once for the whole group. Per key tile:
+// (converted to float, K transposed; in bf16, K in place for AMX tiles (prefill and decode) or as
+// raw pairs for AVX512-BF16 (decode without AMX), V as pairs of keys) once for the whole group.
+// Per key tile:
 // S = Q K^T (register-tiled GEMM), mask, online softmax (common/attention.h: the sink joins the
 // denominator at the end), O = O * alpha + P V. Only tiles that intersect a row's visible range
 // [pos - window + 1, pos] are visited, so window layers cost O(T * window). No buffer grows with
@@ -21,9 +22,10 @@
 // class c); it owns dK/dV of its key tiles (summed over the group's query heads) and adds
 // dS K into its own dQ partial buffer; the C partials are summed in order at the end
 // (deterministic). D_i = rowsum(dO * O); dS = P * (dP - D_i); d sink = -sum p_sink * D_i.
+// In bf16 on AMX, S and dP come from tiles (exact bf16 products, float sums).
 //
-// float32/bfloat16/float16 compute in float32; float64 runs the same algorithm in float64
-// (used by gradcheck).
+// float32/bfloat16/float16 compute in float32 (bf16 forward on AMX: P rounded to bf16 for P V);
+// float64 runs the same algorithm in float64 (used by gradcheck).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
