@@ -449,23 +449,40 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void qk_amx(const c10::BFloa
 }
 
 // o[r][0:D] += sum over key pairs p < npairs of pp[r][p] . vp[p][0:D] (pair order) for r < R <= 16
-// on AMX: A = P's bf16 pairs (row stride kBK / 2 words), B = V pairs (load_v_pairs), 16 columns
-// at a time. Pairs [npairs, round_up(npairs, 16)) of pp and vp are zeroed first (stale scratch
-// must not enter the sums). ot: 256 floats of scratch. qk_amx_config must be in effect.
-__attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, int64_t R, uint32_t* vp, int64_t npairs,
-                                                                int64_t D, float* ot, float* o, int64_t ldo) {
+// on AMX: A = P's bf16 pairs (row stride lda words; kBK / 2 in the forward), B = V pairs
+// (load_v_pairs), 16 columns at a time; with pp2 (same layout) its product is added too (the
+// backward's hi and lo parts: dQ += dS K, dK += dS^T Q, dV += P^T dO). Pairs [npairs,
+// round_up(npairs, 16)) of pp, pp2 and vp are zeroed first (stale scratch must not enter the
+// sums). ot: 256 floats of scratch (R < 16: the sums pass through it; R = 16 accumulates into o's
+// rows in the tile). qk_amx_config must be in effect.
+__attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, float* pp2, int64_t R, uint32_t* vp,
+                                                                int64_t npairs, int64_t D, float* ot, float* o,
+                                                                int64_t ldo, int64_t lda = kBK / 2) {
   const int64_t nsteps = (npairs + 15) / 16;
   if (npairs % 16 != 0) {
-    for (int64_t r = 0; r < 16; ++r)
-      std::fill(pp + r * (kBK / 2) + npairs, pp + r * (kBK / 2) + nsteps * 16, 0.f);
+    for (int64_t r = 0; r < 16; ++r) {
+      std::fill(pp + r * lda + npairs, pp + r * lda + nsteps * 16, 0.f);
+      if (pp2 != nullptr) std::fill(pp2 + r * lda + npairs, pp2 + r * lda + nsteps * 16, 0.f);
+    }
     std::fill(vp + npairs * D, vp + nsteps * 16 * D, 0u);
   }
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    _tile_zero(0);
+    if (R == 16)
+      _tile_loadd(0, o + d0, ldo * 4);
+    else
+      _tile_zero(0);
     for (int64_t ks = 0; ks < nsteps; ++ks) {
-      _tile_loadd(1, pp + ks * 16, kBK / 2 * 4);
       _tile_loadd(2, vp + ks * 16 * D + d0, D * 4);
+      _tile_loadd(1, pp + ks * 16, lda * 4);
       _tile_dpbf16ps(0, 1, 2);
+      if (pp2 != nullptr) {
+        _tile_loadd(1, pp2 + ks * 16, lda * 4);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+    }
+    if (R == 16) {
+      _tile_stored(0, o + d0, ldo * 4);
+      continue;
     }
     _tile_stored(0, ot, 64);
     for (int64_t r = 0; r < R; ++r)
@@ -482,6 +499,62 @@ inline void unpermute_pair_order(float* x, int64_t D) {
       for (int l = 0; l < 4; ++l)
         for (int j = 0; j < 4; ++j) x[d0 + 8 * l + 4 * h + j] = t[16 * h + 4 * l + j];
   }
+}
+
+// x = hi + lo with hi = bf16(x) and lo = bf16(x - hi), 16 lanes, as 32-bit words holding the bf16
+// in their low 16 bits: together they carry x to ~2^-17 relative (two bf16 products summed in
+// float are then nearly a float product).
+__attribute__((target("avx512bf16"))) inline void split_bf16(__m512 x, __m512i& hi, __m512i& lo) {
+  hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
+  const __m512 rest = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
+  lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(rest));
+}
+
+// Row pairs of s (rows x np floats, row stride lds; rows [rows, 2 * npr) read as 0) split into
+// bf16 hi and lo parts, as pp rows of pv_amx: hi[r * ldp + p] = (s[r][2p], s[r][2p + 1]), p < np / 2.
+__attribute__((target("avx512bf16"))) inline void split_rows_bf16(const float* s, int64_t lds, int64_t rows,
+                                                                  int64_t np, float* hi, float* lo, int64_t ldp) {
+  const __m512i idx_even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i idx_odd = _mm512_add_epi32(idx_even, _mm512_set1_epi32(1));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < np; k += 32) {  // np % 16 == 0; 16 pairs per step (a half step at the end)
+      const __m512 a = _mm512_loadu_ps(s + r * lds + k);
+      const __m512 b = k + 16 < np ? _mm512_loadu_ps(s + r * lds + k + 16) : _mm512_setzero_ps();
+      __m512i ha, la, hb, lb;
+      split_bf16(_mm512_permutex2var_ps(a, idx_even, b), ha, la);  // elements 2p
+      split_bf16(_mm512_permutex2var_ps(a, idx_odd, b), hb, lb);   // elements 2p + 1
+      const __mmask16 m = k + 16 < np ? 0xFFFF : 0x00FF;
+      _mm512_mask_storeu_epi32(hi + r * ldp + k / 2, m, _mm512_or_si512(ha, _mm512_slli_epi32(hb, 16)));
+      _mm512_mask_storeu_epi32(lo + r * ldp + k / 2, m, _mm512_or_si512(la, _mm512_slli_epi32(lb, 16)));
+    }
+}
+
+// The transpose of the same: for key (column) i < np and row pair j < npr,
+// hi[i * ldp + j] = (s[2j][i], s[2j + 1][i]) split as above; rows >= `rows` read as 0. np % 16 ==
+// 0, npr % 16 == 0.
+__attribute__((target("avx512bf16"))) inline void split_cols_bf16(const float* s, int64_t lds, int64_t rows,
+                                                                  int64_t np, int64_t npr, float* hi, float* lo,
+                                                                  int64_t ldp) {
+  for (int64_t i0 = 0; i0 < np; i0 += 16)
+    for (int64_t j0 = 0; j0 < npr; j0 += 16) {
+      __m512 h[16], l[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t r0 = 2 * (j0 + j);
+        const __m512 a = r0 < rows ? _mm512_loadu_ps(s + r0 * lds + i0) : _mm512_setzero_ps();
+        const __m512 b = r0 + 1 < rows ? _mm512_loadu_ps(s + (r0 + 1) * lds + i0) : _mm512_setzero_ps();
+        __m512i ha, la, hb, lb;
+        split_bf16(a, ha, la);
+        split_bf16(b, hb, lb);
+        h[j] = _mm512_castsi512_ps(_mm512_or_si512(ha, _mm512_slli_epi32(hb, 16)));
+        l[j] = _mm512_castsi512_ps(_mm512_or_si512(la, _mm512_slli_epi32(lb, 16)));
+      }
+      transpose16x16(h);
+      transpose16x16(l);
+      for (int64_t i = 0; i < 16; ++i) {
+        _mm512_storeu_ps(hi + (i0 + i) * ldp + j0, h[i]);
+        _mm512_storeu_ps(lo + (i0 + i) * ldp + j0, l[i]);
+      }
+    }
 }
 #endif
 
@@ -717,7 +790,7 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
           const int64_t npairs = (n + 1) / 2;
           if (use_amx) {
             for (int64_t g = 0; g < ng; ++g)
-              pv_amx(pp + 16 * g * (kBK / 2), std::min<int64_t>(16, R - 16 * g), sc.vp.data(), npairs, D,
+              pv_amx(pp + 16 * g * (kBK / 2), nullptr, std::min<int64_t>(16, R - 16 * g), sc.vp.data(), npairs, D,
                      sc.st.data(), o + 16 * g * Dp, Dp);
             continue;
           }
@@ -960,6 +1033,10 @@ struct BwdScratch {
   std::vector<uint32_t> qt, dot;
   std::vector<float> st;
   std::vector<c10::BFloat16> stage;
+  // and for dQ += dS K, dV += P^T dO, dK += dS^T Q: K pairs of consecutive keys, dO and Q pairs of
+  // consecutive rows (load_v_pairs), dS rows and P^T, dS^T split into bf16 hi and lo pair rows.
+  std::vector<uint32_t> kvp, dopp, qpp;
+  std::vector<float> dsh, dsl, pth, ptl, dsth, dstl, ot;
   BwdScratch(int64_t rows, int64_t D, int64_t Dp, bool amx)
       : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)),
         dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
@@ -971,14 +1048,23 @@ struct BwdScratch {
       dot.resize(round_up(rows, 16) * D / 2);
       st.resize(16 * kBK);
       stage.resize(16 * D);
+      const int64_t npr = round_up((rows + 1) / 2, 16);  // row pairs, padded
+      kvp.resize(kBK / 2 * D);
+      dopp.resize(npr * D);
+      qpp.resize(npr * D);
+      for (auto* v : {&dsh, &dsl}) v->resize(round_up(rows, 16) * kBK / 2);
+      for (auto* v : {&pth, &ptl, &dsth, &dstl}) v->resize(kBK * npr);
+      ot.resize(256);
     }
   }
 };
 
 // Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
 // is ((b * Hkv + h) * Tq + t) * G + g.
+// Returns true when the dQ partials hold their rows in pair order (load_v_pairs: the AMX path);
+// reduce_dq then restores column order.
 template <typename scalar_t, typename acc_t, bool FAST>
-void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
+bool attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t B = P.B, Tq = P.Tq, Tk = P.Tk, Hq = P.Hq, Hkv = P.Hkv, D = P.D, G = P.G();
   const int64_t Dp = round_up(D, VS), nrows = B * Tq * Hq;
@@ -1017,9 +1103,10 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
   const int64_t BQ = std::clamp<int64_t>(kRowsTarget / G, 1, std::max<int64_t>(Tq, 1)), R = BQ * G;
   const int64_t ntiles = (Tk + kBK - 1) / kBK;
   // bf16 with D % 32 == 0 on AMX: S = Q K^T and dP = dO V^T on tiles (exact bf16 products,
-  // float sums, as the float GEMM computes them). The three accumulating products stay float
-  // GEMMs: rounding P and dS to bf16 for tiles (as a GPU's MMAs take them) doubled dQ's error
-  // against the float64 oracle, past the bf16 tests' bound.
+  // float sums, as the float GEMM computes them); dQ += dS K, dV += P^T dO and dK += dS^T Q on
+  // tiles too, with P and dS each split into bf16 hi + lo parts (two products summed in float,
+  // ~2^-17 relative: rounding them to bf16 alone, as a GPU's MMAs take them, doubled dQ's error
+  // against the float64 oracle, past the bf16 tests' bound).
 #if defined(CPU_CAPABILITY_AVX512)
   const bool use_amx = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_use_amx();
 #else
@@ -1049,11 +1136,16 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         }
         continue;
       }
-      for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
       if (!use_amx) {
+        for (int64_t i = 0; i < n; ++i) load_row(P.k + kbase + i * Hkv * D, sc.kn.data() + i * Dp, D);
         load_transposed(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kt.data(), kBK);
         load_transposed(P.v + kbase, P.v + kbase, Hkv * D, n, n, D, sc.vt.data(), kBK);
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (use_amx) load_v_pairs(P.k + kbase, P.k + kbase, Hkv * D, n, n, D, sc.kvp.data());
+      }
+#endif
       std::fill(sc.dk.begin(), sc.dk.end(), acc_t(0));
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
@@ -1061,11 +1153,12 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t g = 0; g < G; ++g) {
             const int64_t src = ((b * Tq + t) * Hq + h * G + g) * D, r = (t - t0) * G + g;
-            load_row(P.q + src, sc.qb.data() + r * Dp, D);
-            load_row(P.dout + src, sc.dob.data() + r * Dp, D);
             if (use_amx) {
               std::memcpy(sc.qp.data() + r * D / 2, P.q + src, D * sizeof(scalar_t));
               std::memcpy(sc.dop.data() + r * D / 2, P.dout + src, D * sizeof(scalar_t));
+            } else {
+              load_row(P.q + src, sc.qb.data() + r * Dp, D);
+              load_row(P.dout + src, sc.dob.data() + r * Dp, D);
             }
           }
         acc_t* Pm = sc.p.data();
@@ -1117,10 +1210,46 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
             ((V::loadu(dr + j) - vD) * pv * vscale).store(dr + j);
           }
         }
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (use_amx) {  // the three products in pair order (load_v_pairs), hi and lo parts each
+            const int64_t npairs = (rows + 1) / 2, npr = round_up(npairs, 16);
+            const auto* dob16 = reinterpret_cast<const c10::BFloat16*>(sc.dop.data());
+            const auto* qb16 = reinterpret_cast<const c10::BFloat16*>(sc.qp.data());
+            load_v_pairs(dob16, dob16, D, rows, rows, D, sc.dopp.data());
+            load_v_pairs(qb16, qb16, D, rows, rows, D, sc.qpp.data());
+            split_rows_bf16(dS, kBK, rows, np, sc.dsh.data(), sc.dsl.data(), kBK / 2);
+            split_cols_bf16(Pm, kBK, rows, np, npr, sc.pth.data(), sc.ptl.data(), npr);
+            split_cols_bf16(dS, kBK, rows, np, npr, sc.dsth.data(), sc.dstl.data(), npr);
+            for (int64_t g = 0; g * 16 < rows; ++g) {
+              const int64_t off = 16 * g * (kBK / 2);
+              pv_amx(sc.dsh.data() + off, sc.dsl.data() + off, std::min<int64_t>(16, rows - 16 * g), sc.kvp.data(),
+                     (n + 1) / 2, D, sc.ot.data(), dq + (t0 * G + 16 * g) * Dp, Dp);
+            }
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {
+              const int64_t ri = std::min<int64_t>(16, n - i0);
+              pv_amx(sc.pth.data() + i0 * npr, sc.ptl.data() + i0 * npr, ri, sc.dopp.data(), npairs, D, sc.ot.data(),
+                     sc.dv.data() + i0 * Dp, Dp, npr);
+              pv_amx(sc.dsth.data() + i0 * npr, sc.dstl.data() + i0 * npr, ri, sc.qpp.data(), npairs, D, sc.ot.data(),
+                     sc.dk.data() + i0 * Dp, Dp, npr);
+            }
+            continue;
+          }
+        }
+#endif
         gemm<acc_t, true, true>(n, Dp, rows, Pm, kBK, sc.dob.data(), Dp, sc.dv.data(), Dp);
         gemm<acc_t, true, true>(n, Dp, rows, dS, kBK, sc.qb.data(), Dp, sc.dk.data(), Dp);
         gemm<acc_t, false, true>(rows, Dp, n, dS, kBK, sc.kn.data(), Dp, dq + t0 * G * Dp, Dp);
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_amx)
+          for (int64_t i = 0; i < n; ++i) {
+            unpermute_pair_order(sc.dk.data() + i * Dp, D);
+            unpermute_pair_order(sc.dv.data() + i * Dp, D);
+          }
+      }
+#endif
       for (int64_t i = 0; i < n; ++i) {
         store_row(sc.dk.data() + i * Dp, acc_t(1), P.dk + kbase + i * Hkv * D, D);
         store_row(sc.dv.data() + i * Dp, acc_t(1), P.dv + kbase + i * Hkv * D, D);
@@ -1130,12 +1259,13 @@ void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
     if (use_amx) qk_amx_release();
 #endif
   });
+  return use_amx;
 }
 
 // dq[b, t, h*G+g, :] = sum over c of dq_part[c][b][h][t*G+g][:], converted to scalar_t.
 template <typename scalar_t, typename acc_t>
 void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, int64_t Hkv, int64_t D,
-               scalar_t* dq) {
+               bool pair_order, scalar_t* dq) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t G = Hq / Hkv, Dp = round_up(D, VS), per_c = B * Tq * Hq * Dp;
   at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
@@ -1147,6 +1277,11 @@ void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, 
         std::copy(part + row * Dp, part + (row + 1) * Dp, sum.begin());
         for (int64_t c = 1; c < C; ++c)
           for (int64_t i = 0; i < Dp; ++i) sum[i] += part[c * per_c + row * Dp + i];
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (pair_order) unpermute_pair_order(sum.data(), D);
+        }
+#endif
         store_row(sum.data(), acc_t(1), dq + (p * Hq + hq) * D, D);
       }
     }
@@ -1198,9 +1333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
       P.scale = sm_scale;
       P.dk = dk.mutable_data_ptr<double>();
       P.dv = dv.mutable_data_ptr<double>();
-      attention_bwd_impl<double, double, false>(P, dq_part.mutable_data_ptr<double>(), C,
-                                                has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
-      reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<double>());
+      const bool pairs = attention_bwd_impl<double, double, false>(
+          P, dq_part.mutable_data_ptr<double>(), C, has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
+      reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, pairs, dq.mutable_data_ptr<double>());
     } else {
       GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention_backward", [&] {
         BwdProblem<scalar_t, float> P;
@@ -1216,9 +1351,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         P.dk = dk.mutable_data_ptr<scalar_t>();
         P.dv = dv.mutable_data_ptr<scalar_t>();
         constexpr bool fast = !std::is_same_v<scalar_t, float>;
-        attention_bwd_impl<scalar_t, float, fast>(P, dq_part.mutable_data_ptr<float>(), C,
-                                                  has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
-        reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<scalar_t>());
+        const bool pairs = attention_bwd_impl<scalar_t, float, fast>(
+            P, dq_part.mutable_data_ptr<float>(), C, has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
+        reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, pairs, dq.mutable_data_ptr<scalar_t>());
       });
     }
   }
