@@ -384,13 +384,15 @@ struct AmxConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: 0 = S^T block (16 keys x 16 rows, float), 1 = K block (16 keys x 32 bf16), 2 = Q^T pairs
-// (16 pairs x 16 rows). Loaded per call (other code on the thread, e.g. oneDNN, may reconfigure).
+// Tiles (each 16 rows x 64 bytes): qk_amx: 0 = S^T block (16 keys x 16 rows, float), 1 = K block
+// (16 keys x 32 bf16), 2 = Q^T pairs (16 pairs x 16 rows); pv_amx: 1, 7 = A pairs, 2 = B pairs,
+// 3..6 = four 16-column blocks of the output. Loaded per call (other code on the thread, e.g.
+// oneDNN, may reconfigure).
 __attribute__((target("amx-tile"))) inline void qk_amx_config() {
   // Static: the compiler does not see ldtilecfg read the memory, so a local's stores may be dropped.
   static const AmxConfig c = [] {
     AmxConfig x;
-    for (int t = 0; t < 3; ++t) {
+    for (int t = 0; t < 8; ++t) {
       x.colsb[t] = 64;
       x.rows[t] = 16;
     }
@@ -448,13 +450,53 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void qk_amx(const c10::BFloa
   }
 }
 
+// pv_amx on one chunk of up to 64 output columns: c0[r][16 c + 0:16] (+)= ..., c < NC <= 4 in
+// accumulator tile 3 + c; A pairs in tiles 1 (pp) and 7 (pp2, TWO), B in tile 2.
+template <int NC, bool TWO>
+__attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx_chunk(const float* pp, const float* pp2,
+                                                                      int64_t lda, const uint32_t* vp, int64_t D,
+                                                                      int64_t nsteps, float* c0, int64_t ldc,
+                                                                      bool load_c) {
+  // C tiles: 16 rows x 16 columns each at c0 + 16 c (row stride ldc floats), loaded or zeroed
+  if (load_c) {
+    _tile_loadd(3, c0, ldc * 4);
+    if (NC > 1) _tile_loadd(4, c0 + 16, ldc * 4);
+    if (NC > 2) _tile_loadd(5, c0 + 32, ldc * 4);
+    if (NC > 3) _tile_loadd(6, c0 + 48, ldc * 4);
+  } else {
+    _tile_zero(3);
+    if (NC > 1) _tile_zero(4);
+    if (NC > 2) _tile_zero(5);
+    if (NC > 3) _tile_zero(6);
+  }
+  for (int64_t ks = 0; ks < nsteps; ++ks) {
+    const uint32_t* b = vp + ks * 16 * D;
+    _tile_loadd(1, pp + ks * 16, lda * 4);
+    if (TWO) _tile_loadd(7, pp2 + ks * 16, lda * 4);
+#define GPTOSS_PV_STEP(C, T)                \
+    _tile_loadd(2, b + 16 * (C), D * 4);    \
+    _tile_dpbf16ps(T, 1, 2);                \
+    if (TWO) _tile_dpbf16ps(T, 7, 2);
+    GPTOSS_PV_STEP(0, 3)
+    if (NC > 1) { GPTOSS_PV_STEP(1, 4) }
+    if (NC > 2) { GPTOSS_PV_STEP(2, 5) }
+    if (NC > 3) { GPTOSS_PV_STEP(3, 6) }
+#undef GPTOSS_PV_STEP
+  }
+  _tile_stored(3, c0, ldc * 4);
+  if (NC > 1) _tile_stored(4, c0 + 16, ldc * 4);
+  if (NC > 2) _tile_stored(5, c0 + 32, ldc * 4);
+  if (NC > 3) _tile_stored(6, c0 + 48, ldc * 4);
+}
+
 // o[r][0:D] += sum over key pairs p < npairs of pp[r][p] . vp[p][0:D] (pair order) for r < R <= 16
 // on AMX: A = P's bf16 pairs (row stride lda words; kBK / 2 in the forward), B = V pairs
-// (load_v_pairs), 16 columns at a time; with pp2 (same layout) its product is added too (the
+// (load_v_pairs); with pp2 (same layout) its product is added too (the
 // backward's hi and lo parts: dQ += dS K, dK += dS^T Q, dV += P^T dO). Pairs [npairs,
 // round_up(npairs, 16)) of pp, pp2 and vp are zeroed first (stale scratch must not enter the
-// sums). ot: 256 floats of scratch (R < 16: the sums pass through it; R = 16 accumulates into o's
-// rows in the tile). qk_amx_config must be in effect.
+// sums). ot: 16 x 64 floats of scratch (R < 16: the sums pass through it; R = 16 accumulates
+// into o's rows in the tiles). Up to 64 output columns at a time, in four accumulator tiles
+// (independent sums hide the tile product's latency). qk_amx_config must be in effect.
 __attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, float* pp2, int64_t R, uint32_t* vp,
                                                                 int64_t npairs, int64_t D, float* ot, float* o,
                                                                 int64_t ldo, int64_t lda = kBK / 2) {
@@ -466,27 +508,28 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void pv_amx(float* pp, float
     }
     std::fill(vp + npairs * D, vp + nsteps * 16 * D, 0u);
   }
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    if (R == 16)
-      _tile_loadd(0, o + d0, ldo * 4);
-    else
-      _tile_zero(0);
-    for (int64_t ks = 0; ks < nsteps; ++ks) {
-      _tile_loadd(2, vp + ks * 16 * D + d0, D * 4);
-      _tile_loadd(1, pp + ks * 16, lda * 4);
-      _tile_dpbf16ps(0, 1, 2);
-      if (pp2 != nullptr) {
-        _tile_loadd(1, pp2 + ks * 16, lda * 4);
-        _tile_dpbf16ps(0, 1, 2);
-      }
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t nc = std::min<int64_t>(4, (D - d0) / 16);
+    // R = 16: accumulate into o's rows in the tiles; else into ot (16 x 64), then add R rows
+    float* c0 = R == 16 ? o + d0 : ot;
+    const int64_t ldc = R == 16 ? ldo : 64;
+    const bool two = pp2 != nullptr;
+    const uint32_t* b = vp + d0;
+    switch (nc * 2 + (two ? 1 : 0)) {
+      case 2: pv_amx_chunk<1, false>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 3: pv_amx_chunk<1, true>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 4: pv_amx_chunk<2, false>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 5: pv_amx_chunk<2, true>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 6: pv_amx_chunk<3, false>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 7: pv_amx_chunk<3, true>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      case 8: pv_amx_chunk<4, false>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
+      default: pv_amx_chunk<4, true>(pp, pp2, lda, b, D, nsteps, c0, ldc, R == 16); break;
     }
-    if (R == 16) {
-      _tile_stored(0, o + d0, ldo * 4);
-      continue;
-    }
-    _tile_stored(0, ot, 64);
+    if (R == 16) continue;
     for (int64_t r = 0; r < R; ++r)
-      _mm512_storeu_ps(o + r * ldo + d0, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + d0), _mm512_loadu_ps(ot + r * 16)));
+      for (int64_t c = 0; c < nc; ++c)
+        _mm512_storeu_ps(o + r * ldo + d0 + 16 * c,
+                         _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + d0 + 16 * c), _mm512_loadu_ps(ot + r * 64 + 16 * c)));
   }
 }
 
@@ -1054,7 +1097,7 @@ struct BwdScratch {
       qpp.resize(npr * D);
       for (auto* v : {&dsh, &dsl}) v->resize(round_up(rows, 16) * kBK / 2);
       for (auto* v : {&pth, &ptl, &dsth, &dstl}) v->resize(kBK * npr);
-      ot.resize(256);
+      ot.resize(16 * 64);
     }
   }
 };
@@ -1150,17 +1193,18 @@ bool attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
       std::fill(sc.dv.begin(), sc.dv.end(), acc_t(0));
       for (int64_t t0 = t_lo; t0 < t_hi; t0 += BQ) {
         const int64_t t1 = std::min(t_hi, t0 + BQ), rows = (t1 - t0) * G;
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t src = ((b * Tq + t) * Hq + h * G + g) * D, r = (t - t0) * G + g;
-            if (use_amx) {
-              std::memcpy(sc.qp.data() + r * D / 2, P.q + src, D * sizeof(scalar_t));
-              std::memcpy(sc.dop.data() + r * D / 2, P.dout + src, D * sizeof(scalar_t));
-            } else {
-              load_row(P.q + src, sc.qb.data() + r * Dp, D);
-              load_row(P.dout + src, sc.dob.data() + r * Dp, D);
-            }
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t src = ((b * Tq + t) * Hq + h * G) * D, r0 = (t - t0) * G;
+          if (use_amx) {  // the G rows of a position are contiguous
+            std::memcpy(sc.qp.data() + r0 * D / 2, P.q + src, G * D * sizeof(scalar_t));
+            std::memcpy(sc.dop.data() + r0 * D / 2, P.dout + src, G * D * sizeof(scalar_t));
+            continue;
           }
+          for (int64_t g = 0; g < G; ++g) {
+            load_row(P.q + src + g * D, sc.qb.data() + (r0 + g) * Dp, D);
+            load_row(P.dout + src + g * D, sc.dob.data() + (r0 + g) * Dp, D);
+          }
+        }
         acc_t* Pm = sc.p.data();
         acc_t* dS = sc.ds.data();
 #if defined(CPU_CAPABILITY_AVX512)
