@@ -242,6 +242,23 @@ def test_gradient_low_precision(dtype):
     assert_close(ours[3], ref64[3], dtype)
 
 
+@pytest.mark.parametrize("tq, hq, hkv, d, window", [(37, 8, 8, 96, 0), (140, 8, 1, 128, 5), (70, 16, 2, 32, 128)])
+def test_gradient_bf16_head_dims_and_groups(tq, hq, hkv, d, window):
+    """bf16 gradients for other head dims (32, 96, 128: one and two 64-column chunks of the AMX
+    products), group sizes 1, 8 and 16 and partial row groups: within 2x the error of the oracle
+    run in bf16 (the AMX backward splits P and dS into bf16 hi + lo parts; the no-AMX rerun
+    covers the float GEMMs)."""
+    q, k, v, s = make(1, tq, tq, hq, hkv, d, torch.bfloat16)
+    g_out = torch.randn(1, tq, hq, d).bfloat16()
+    ours = _grads(lambda *x: ops.attention(*x, window=window), [q, k, v, s], g_out, None)
+    ref = _grads(lambda *x: reference.attention(*x, window=window), [q, k, v, s], g_out, None)
+    ref64 = _grads(lambda *x: reference.attention(*x, window=window), [dbl(t) for t in (q, k, v, s)],
+                   g_out.double(), None)
+    for name, a, r, r64 in zip("qkv", ours, ref, ref64):
+        assert a.dtype == torch.bfloat16, name
+        assert_error_within(a, r64, r, floor=1e-3)
+
+
 def test_unused_lse_costs_nothing_extra_compiled(monkeypatch):
     """Under torch.compile an unused lse must not pull the lse-gradient work into the graph."""
     seen = []

@@ -24,8 +24,9 @@
 // (deterministic). D_i = rowsum(dO * O); dS = P * (dP - D_i); d sink = -sum p_sink * D_i.
 // In bf16 on AMX, S and dP come from tiles (exact bf16 products, float sums).
 //
-// float32/bfloat16/float16 compute in float32 (bf16 forward on AMX: P rounded to bf16 for P V);
-// float64 runs the same algorithm in float64 (used by gradcheck).
+// float32/bfloat16/float16 compute in float32 (bf16 products exact, P and dS as bf16 hi + lo on
+// AMX; the vdpbf16ps decode rounds P to bf16); float64 runs the same algorithm in float64 (used
+// by gradcheck).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -666,7 +667,8 @@ struct FwdScratch {
   std::vector<float> qp;     // bf16 pairs of the unit's Q rows, as float bit patterns (qk_bf16)
   std::vector<uint32_t> kp;  // bf16 pairs of a K tile, transposed (load_pairs_transposed)
   std::vector<uint32_t> vp;  // bf16 pairs of a V tile (load_v_pairs)
-  std::vector<float> pp;     // P rows rounded to bf16 pairs (round_row_bf16)
+  std::vector<float> pp;     // P rows rounded to bf16 pairs (round_row_bf16), or their hi part (AMX)
+  std::vector<float> pl;     // P rows' lo part (AMX: split_rows_bf16)
   std::vector<uint32_t> qt;  // Q^T pairs of the unit's heads (qk_amx_prepare)
   std::vector<float> st;     // S^T of a tile (qk_amx)
   std::vector<c10::BFloat16> stage;  // staged K rows (qk_amx)
@@ -685,8 +687,10 @@ struct FwdScratch {
     if (static_cast<int64_t>(sc.qp.size()) < rows * D / 2) sc.qp.resize(rows * D / 2);
     if (static_cast<int64_t>(sc.kp.size()) < D / 2 * kBK) sc.kp.resize(D / 2 * kBK);
     if (static_cast<int64_t>(sc.vp.size()) < kBK / 2 * Dp) sc.vp.resize(kBK / 2 * Dp);
-    if (static_cast<int64_t>(sc.pp.size()) < round_up(rows, 16) * kBK / 2)  // whole 16-row AMX groups
+    if (static_cast<int64_t>(sc.pp.size()) < round_up(rows, 16) * kBK / 2) {  // whole 16-row AMX groups
       sc.pp.resize(round_up(rows, 16) * kBK / 2);
+      sc.pl.resize(round_up(rows, 16) * kBK / 2);
+    }
     // heads x groups x D / 2 x 16 words, heads x groups * 16 <= 16 * rows
     if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);
     if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
@@ -711,9 +715,10 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   const int64_t lo = P.key_lo(b, P.pos0[b] + t0), hi = P.key_hi(b, P.pos0[b] + t1 - 1);
   const int64_t ng = (R + 15) / 16;  // AMX row groups of a head
 #if defined(CPU_CAPABILITY_AVX512)
-  // bf16 products (bf16 operands, P rounded to bf16 as a GPU's P V MMA does, float sums): on AMX
-  // tiles for any number of rows (16-row groups per head), where the CPU and kernel allow; else
-  // with vdpbf16ps for few rows per head (decode: there K's conversion and transpose cost as much
+  // bf16 products (bf16 operands, float sums): on AMX tiles for any number of rows (16-row groups
+  // per head), with P split into bf16 hi + lo parts for P V (near-float accuracy; P rounded to bf16
+  // alone, as a GPU's MMA takes it, pushed gradients past the tests' bound at head dim 32), where
+  // the CPU and kernel allow; else with vdpbf16ps (P rounded to bf16) for few rows per head (decode: there K's conversion and transpose cost as much
   // as the products, and the pair form halves them), while the many rows of a prefill keep the
   // float FMA GEMM. GPTOSS_EXT_NO_AMX set in the environment keeps AMX off (so that the tests
   // cover both paths on an AMX machine).
@@ -829,14 +834,15 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
         if (dp_bf16) {
           // P V with bf16 products: P rounded to bf16 (as a GPU's P V MMA does), sums in float.
           float* pp = sc.pp.data();
-          for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
           const int64_t npairs = (n + 1) / 2;
-          if (use_amx) {
+          if (use_amx) {  // P as bf16 hi + lo parts: P V to near-float accuracy (two tile passes)
+            split_rows_bf16(S, kBK, R, np, pp, sc.pl.data(), kBK / 2);
             for (int64_t g = 0; g < ng; ++g)
-              pv_amx(pp + 16 * g * (kBK / 2), nullptr, std::min<int64_t>(16, R - 16 * g), sc.vp.data(), npairs, D,
-                     sc.st.data(), o + 16 * g * Dp, Dp);
+              pv_amx(pp + 16 * g * (kBK / 2), sc.pl.data() + 16 * g * (kBK / 2), std::min<int64_t>(16, R - 16 * g),
+                     sc.vp.data(), npairs, D, sc.st.data(), o + 16 * g * Dp, Dp);
             continue;
           }
+          for (int64_t r = 0; r < R; ++r) round_row_bf16(S + r * kBK, np, pp + r * (kBK / 2));
           int64_t c0 = 0;
           for (; c0 + 64 <= D; c0 += 64)
             dp_bf16_rows<4, true>(R, pp, kBK / 2, sc.vp.data() + c0, D, npairs, o + c0, Dp);
