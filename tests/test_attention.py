@@ -592,9 +592,9 @@ def test_property_against_oracle(b, tq, extra_k, hkv, group, d, dtype, window, q
 
 
 def test_bf16_without_amx():
-    """bf16 runs its products on AMX tiles where the CPU has them (prefill, decode, the backward's
-    S and dP), else with vdpbf16ps (decode) or the float FMA GEMM: rerun the forward, backward,
-    decode and single-query tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that every path is tested on an AMX machine
+    """bf16 runs its products on AMX tiles where the CPU has them (forward and backward), else with
+    vdpbf16ps (decode) or the float FMA GEMMs: rerun the forward, gradient, decode and single-query
+    tests with AMX switched off (GPTOSS_EXT_NO_AMX) so that every path is tested on an AMX machine
     (elsewhere both runs take the same paths)."""
     import os
     import subprocess

@@ -1,6 +1,7 @@
 """The complete model: against a whole-model oracle built from gptoss_ext.reference, incremental
 decoding against the full forward, checkpoints (MXFP4 vs dequantised), and parity with Hugging Face
 transformers' GptOssForCausalLM in both directions."""
+import json
 import math
 
 import pytest
@@ -246,12 +247,17 @@ def test_parity_with_transformers_from_hf_checkpoint(tmp_path):
         assert rel_err(torch.cat(steps, 1), expected) < 1e-4
 
 
-def test_parity_with_transformers_from_our_checkpoint(tmp_path):
-    ours = Transformer.from_config(TINY, seed=7, dtype=torch.float32)
+def _with_visible_sinks_and_biases(model):
+    """Biases (zero at init) and sinks redrawn at scale 0.5, so that both matter in the logits."""
     with torch.no_grad():
-        for name, p in ours.named_parameters():  # visible sinks and biases
+        for name, p in model.named_parameters():
             if name.endswith("bias") or name.endswith("sinks"):
                 p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_parity_with_transformers_from_our_checkpoint(tmp_path):
+    ours = _with_visible_sinks_and_biases(Transformer.from_config(TINY, seed=7, dtype=torch.float32))
     ours.save_checkpoint(str(tmp_path / "openai"), progress=False)
     from gptoss.cli import main as cli
     cli(["convert", str(tmp_path / "openai"), str(tmp_path / "hf"), "--layout", "hf", "-q"])
@@ -269,15 +275,10 @@ def test_parity_with_transformers_mxfp4_hf_checkpoint(tmp_path):
     dequantized values are exact there), so the nibble order, the scale bias and the tensor
     names and shapes agree with what transformers reads from the published checkpoints."""
     pytest.importorskip("accelerate", reason="transformers loads MXFP4 checkpoints through accelerate")
-    ours = Transformer.from_config(TINY, seed=8, mxfp4=True, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith("bias") or name.endswith("sinks"):
-                p.copy_(torch.randn_like(p) * 0.5)
+    ours = _with_visible_sinks_and_biases(Transformer.from_config(TINY, seed=8, mxfp4=True, dtype=torch.float32))
     ours.save_checkpoint(str(tmp_path / "openai"), progress=False)
     from gptoss.cli import main as cli
     cli(["convert", str(tmp_path / "openai"), str(tmp_path / "hf"), "--layout", "hf", "-q"])
-    import json
     hf_config = json.load(open(tmp_path / "hf" / "config.json"))
     assert hf_config["quantization_config"]["quant_method"] == "mxfp4"
     hf = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,

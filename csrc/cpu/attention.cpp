@@ -554,8 +554,8 @@ __attribute__((target("avx512bf16"))) inline void split_bf16(__m512 x, __m512i& 
   lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(rest));
 }
 
-// Row pairs of s (rows x np floats, row stride lds; rows [rows, 2 * npr) read as 0) split into
-// bf16 hi and lo parts, as pp rows of pv_amx: hi[r * ldp + p] = (s[r][2p], s[r][2p + 1]), p < np / 2.
+// Rows r < rows of s (np floats each, row stride lds, np % 16 == 0) split into bf16 hi and lo
+// parts as pv_amx's pp rows: hi[r * ldp + p] = (s[r][2p], s[r][2p + 1]) for p < np / 2.
 __attribute__((target("avx512bf16"))) inline void split_rows_bf16(const float* s, int64_t lds, int64_t rows,
                                                                   int64_t np, float* hi, float* lo, int64_t ldp) {
   const __m512i idx_even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -693,6 +693,7 @@ struct FwdScratch {
     }
     // heads x groups x D / 2 x 16 words, heads x groups * 16 <= 16 * rows
     if (static_cast<int64_t>(sc.qt.size()) < rows * D * 8) sc.qt.resize(rows * D * 8);
+    static_assert(kBK >= 64, "st doubles as pv_amx's 16 x 64 scratch");
     if (static_cast<int64_t>(sc.st.size()) < 16 * kBK) sc.st.resize(16 * kBK);
     if (static_cast<int64_t>(sc.stage.size()) < 16 * D) sc.stage.resize(16 * D);
     return sc;
@@ -718,9 +719,9 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
   // bf16 products (bf16 operands, float sums): on AMX tiles for any number of rows (16-row groups
   // per head), with P split into bf16 hi + lo parts for P V (near-float accuracy; P rounded to bf16
   // alone, as a GPU's MMA takes it, pushed gradients past the tests' bound at head dim 32), where
-  // the CPU and kernel allow; else with vdpbf16ps (P rounded to bf16) for few rows per head (decode: there K's conversion and transpose cost as much
-  // as the products, and the pair form halves them), while the many rows of a prefill keep the
-  // float FMA GEMM. GPTOSS_EXT_NO_AMX set in the environment keeps AMX off (so that the tests
+  // the CPU and kernel allow; else with vdpbf16ps (P rounded to bf16) for few rows per head
+  // (decode: there K's conversion and transpose cost as much as the products, and the pair form
+  // halves them), while the many rows of a prefill keep the float FMA GEMM. GPTOSS_EXT_NO_AMX set in the environment keeps AMX off (so that the tests
   // cover both paths on an AMX machine).
   const bool bf16_ok = std::is_same_v<scalar_t, c10::BFloat16> && D % 32 == 0 && cpu_has_avx512_bf16();
   const bool use_amx = bf16_ok && cpu_use_amx();
@@ -832,7 +833,8 @@ void fwd_rows(const FwdProblem<scalar_t, acc_t>& P, int64_t b, int64_t h0, int64
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<acc_t, float>) {
         if (dp_bf16) {
-          // P V with bf16 products: P rounded to bf16 (as a GPU's P V MMA does), sums in float.
+          // P V with bf16 products, sums in float: on AMX with P as bf16 hi + lo, else (vdpbf16ps)
+          // with P rounded to bf16, as a GPU's P V MMA takes it.
           float* pp = sc.pp.data();
           const int64_t npairs = (n + 1) / 2;
           if (use_amx) {  // P as bf16 hi + lo parts: P V to near-float accuracy (two tile passes)
@@ -1087,9 +1089,9 @@ struct BwdScratch {
   std::vector<uint32_t> kvp, dopp, qpp;
   std::vector<float> dsh, dsl, pth, ptl, dsth, dstl, ot;
   BwdScratch(int64_t rows, int64_t D, int64_t Dp, bool amx)
-      : kt(D * kBK, acc_t(0)), vt(D * kBK, acc_t(0)), kn(kBK * Dp, acc_t(0)),
-        dk(kBK * Dp), dv(kBK * Dp), qb(rows * Dp, acc_t(0)), dob(rows * Dp, acc_t(0)), p(rows * kBK),
-        ds(rows * kBK) {
+      : kt(amx ? 0 : D * kBK, acc_t(0)), vt(amx ? 0 : D * kBK, acc_t(0)), kn(amx ? 0 : kBK * Dp, acc_t(0)),
+        dk(kBK * Dp), dv(kBK * Dp), qb(amx ? 0 : rows * Dp, acc_t(0)), dob(amx ? 0 : rows * Dp, acc_t(0)),
+        p(rows * kBK), ds(rows * kBK) {
     if (amx) {
       qp.resize(rows * D / 2);
       dop.resize(rows * D / 2);
@@ -1110,10 +1112,8 @@ struct BwdScratch {
 
 // Row-major per (b, kv head) "row" layout used by the backward's buffers: row (t, g) of kv head h
 // is ((b * Hkv + h) * Tq + t) * G + g.
-// Returns true when the dQ partials hold their rows in pair order (load_v_pairs: the AMX path);
-// reduce_dq then restores column order.
 template <typename scalar_t, typename acc_t, bool FAST>
-bool attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
+void attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, int64_t C, acc_t* dsinks) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t B = P.B, Tq = P.Tq, Tk = P.Tk, Hq = P.Hq, Hkv = P.Hkv, D = P.D, G = P.G();
   const int64_t Dp = round_up(D, VS), nrows = B * Tq * Hq;
@@ -1306,16 +1306,20 @@ bool attention_bwd_impl(const BwdProblem<scalar_t, acc_t>& P, acc_t* dq_part, in
       }
     }
 #if defined(CPU_CAPABILITY_AVX512)
-    if (use_amx) qk_amx_release();
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_amx) {  // the tile products left this unit's dQ partial in pair order
+        for (int64_t r = 0; r < Tq * G; ++r) unpermute_pair_order(dq + r * Dp, D);
+        qk_amx_release();
+      }
+    }
 #endif
   });
-  return use_amx;
 }
 
 // dq[b, t, h*G+g, :] = sum over c of dq_part[c][b][h][t*G+g][:], converted to scalar_t.
 template <typename scalar_t, typename acc_t>
 void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, int64_t Hkv, int64_t D,
-               bool pair_order, scalar_t* dq) {
+               scalar_t* dq) {
   constexpr int64_t VS = AVec<acc_t>::size();
   const int64_t G = Hq / Hkv, Dp = round_up(D, VS), per_c = B * Tq * Hq * Dp;
   at::parallel_for(0, B * Tq, std::max<int64_t>(1, (1 << 18) / (Hq * D)), [&](int64_t p0, int64_t p1) {
@@ -1327,11 +1331,6 @@ void reduce_dq(const acc_t* part, int64_t C, int64_t B, int64_t Tq, int64_t Hq, 
         std::copy(part + row * Dp, part + (row + 1) * Dp, sum.begin());
         for (int64_t c = 1; c < C; ++c)
           for (int64_t i = 0; i < Dp; ++i) sum[i] += part[c * per_c + row * Dp + i];
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (pair_order) unpermute_pair_order(sum.data(), D);
-        }
-#endif
         store_row(sum.data(), acc_t(1), dq + (p * Hq + hq) * D, D);
       }
     }
@@ -1383,9 +1382,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
       P.scale = sm_scale;
       P.dk = dk.mutable_data_ptr<double>();
       P.dv = dv.mutable_data_ptr<double>();
-      const bool pairs = attention_bwd_impl<double, double, false>(
-          P, dq_part.mutable_data_ptr<double>(), C, has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
-      reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, pairs, dq.mutable_data_ptr<double>());
+      attention_bwd_impl<double, double, false>(P, dq_part.mutable_data_ptr<double>(), C,
+                                                has_sinks ? ds.mutable_data_ptr<double>() : nullptr);
+      reduce_dq(dq_part.const_data_ptr<double>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<double>());
     } else {
       GPTOSS_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "attention_backward", [&] {
         BwdProblem<scalar_t, float> P;
@@ -1401,9 +1400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         P.dk = dk.mutable_data_ptr<scalar_t>();
         P.dv = dv.mutable_data_ptr<scalar_t>();
         constexpr bool fast = !std::is_same_v<scalar_t, float>;
-        const bool pairs = attention_bwd_impl<scalar_t, float, fast>(
-            P, dq_part.mutable_data_ptr<float>(), C, has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
-        reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, pairs, dq.mutable_data_ptr<scalar_t>());
+        attention_bwd_impl<scalar_t, float, fast>(P, dq_part.mutable_data_ptr<float>(), C,
+                                                  has_sinks ? ds.mutable_data_ptr<float>() : nullptr);
+        reduce_dq(dq_part.const_data_ptr<float>(), C, B, Tq, Hq, Hkv, D, dq.mutable_data_ptr<scalar_t>());
       });
     }
   }
