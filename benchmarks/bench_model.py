@@ -395,11 +395,13 @@ def gpu(a):
                                         min_time=1.0, warmup=3, max_iters=a.steps)
                         except Exception as e:
                             rows.append([rnd, variant, mode, f"failed: {e!r}"[:80]] + [""] * 5)
+                            print("row:", " | ".join(map(str, rows[-1])), flush=True)
                             continue
                         floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
                         rows.append([rnd, variant, mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}",
                                      f"{bw / floor:.0f}", f"{floor / t / bw:.2f}",
                                      gib(torch.cuda.max_memory_allocated())])
+                        print("row:", " | ".join(map(str, rows[-1])), flush=True)  # survives a timeout
                         del step, caches
                 finally:
                     for k, v in saved.items():
