@@ -335,23 +335,9 @@ def cpu_full(a):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-# The CUDA kernels' measurement switches (environment variables read at each launch), by name for
-# --variants: the default kernels, programmatic dependent launch (utils.cuh), the decode GEMV's
-# shift-and-mask weight decode (moe_gemm_mxfp4.cu).
-GPU_SWITCHES = {
-    "base": {},
-    "pdl": {"GPTOSS_EXT_PDL": "1"},
-    "shift": {"GPTOSS_EXT_MXFP4_GEMV_DECODE": "shift"},
-}
-
-
 def gpu(a):
     from gptoss import CUDAGraphDecoder, ModelConfig, Transformer
     from common import time_fn
-    variants = a.variants.split(",")
-    unknown = [v for v in variants if any(part not in GPU_SWITCHES for part in v.split("+"))]
-    if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(GPU_SWITCHES)} joined with '+'")
     cfg = ModelConfig.preset("gpt-oss-20b")
     dev = torch.device("cuda")
     print(f"machine: {machine()}; commit {commit()}")
@@ -375,44 +361,30 @@ def gpu(a):
     with torch.inference_mode():
         ctx = torch.randint(0, cfg.vocab_size, (1, a.context), device=dev, generator=g)
         for rnd in range(a.rounds):
-            for variant in variants:  # the switches are read at each launch (and baked into a captured graph)
-                env = {}
-                for part in variant.split("+"):
-                    env.update(GPU_SWITCHES[part])
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
-                    for mode in ("eager", "cuda graph"):
-                        try:  # a variant that fails (e.g. a switch's launch mode under graph capture) is a row
-                            torch.cuda.reset_peak_memory_stats()
-                            caches = model.new_caches(1, a.context + a.steps + 64, max_step=a.context)
-                            logits = model(ctx, caches, last_only=True)
-                            tok = logits.argmax(-1).view(1, 1)
-                            step = (CUDAGraphDecoder(model, caches) if mode == "cuda graph"
-                                    else (lambda t: model.decode_step(t, caches)))
-                            # greedy: each step's argmax is the next step's token (on the device, no host sync)
-                            t = time_fn(lambda: tok.copy_(step(tok)[:, -1].argmax(-1, keepdim=True)), dev,
-                                        min_time=1.0, warmup=3, max_iters=a.steps)
-                        except Exception as e:
-                            rows.append([rnd, variant, mode, f"failed: {e!r}"[:80]] + [""] * 5)
-                            print("row:", " | ".join(map(str, rows[-1])), flush=True)
-                            continue
-                        floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
-                        rows.append([rnd, variant, mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}",
-                                     f"{bw / floor:.0f}", f"{floor / t / bw:.2f}",
-                                     gib(torch.cuda.max_memory_allocated())])
-                        print("row:", " | ".join(map(str, rows[-1])), flush=True)  # survives a timeout
-                        del step, caches
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+            for mode in ("eager", "cuda graph"):
+                try:  # a mode that fails is a row, not the end of the run
+                    torch.cuda.reset_peak_memory_stats()
+                    caches = model.new_caches(1, a.context + a.steps + 64, max_step=a.context)
+                    logits = model(ctx, caches, last_only=True)
+                    tok = logits.argmax(-1).view(1, 1)
+                    step = (CUDAGraphDecoder(model, caches) if mode == "cuda graph"
+                            else (lambda t: model.decode_step(t, caches)))
+                    # greedy: each step's argmax is the next step's token (on the device, no host sync)
+                    t = time_fn(lambda: tok.copy_(step(tok)[:, -1].argmax(-1, keepdim=True)), dev,
+                                min_time=1.0, warmup=3, max_iters=a.steps)
+                except Exception as e:
+                    rows.append([rnd, mode, f"failed: {e!r}"[:80]] + [""] * 5)
+                    print("row:", " | ".join(map(str, rows[-1])), flush=True)
+                    continue
+                floor = decode_bytes_per_token(cfg, a.context, "mxfp4")
+                rows.append([rnd, mode, f"{1 / t:.0f}", f"{t * 1e3:.3f}", f"{floor / 1e9:.2f}", f"{bw / floor:.0f}",
+                             f"{floor / t / bw:.2f}", gib(torch.cuda.max_memory_allocated())])
+                print("row:", " | ".join(map(str, rows[-1])), flush=True)  # survives a timeout
+                del step, caches
     print_table(f"gpt-oss-20b, random MXFP4 weights, {torch.cuda.get_device_name()}, batch 1, decode after {a.context} "
                 f"cached tokens (greedy, the token fed back on the device); copy bandwidth {bw / 1e9:.0f} GB/s; built in "
-                f"{build_s:.1f} s; variants: " + "; ".join(f"{k} = {v or 'defaults'}" for k, v in GPU_SWITCHES.items()),
-                ["round", "variant", "decode", "tok/s", "ms / token", "GB read / token", "floor tok/s",
+                f"{build_s:.1f} s",
+                ["round", "decode", "tok/s", "ms / token", "GB read / token", "floor tok/s",
                  "of BW floor", "peak GPU mem GiB"], rows)
     with torch.inference_mode():
         try:
@@ -462,8 +434,6 @@ def main():
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of the sides compared (CPU: medians "
                    "reported; use 3 on a shared machine)")
-    p.add_argument("--variants", default="base", help="CUDA: comma-separated kernel variants timed side by side, "
-                   "each a '+'-joined set of " + ", ".join(sorted(GPU_SWITCHES)) + " (e.g. base,pdl,pdl+shift)")
     p.add_argument("--threads", default=None, help="CPU: comma-separated thread counts, one run of each side per "
                    "count (default: torch's default count)")
     # worker mode (internal)

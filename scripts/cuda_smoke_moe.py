@@ -143,20 +143,17 @@ def main():
     E, M, K = 4, 40, 96
     blocks = torch.randint(0, 256, (E, M, K // 32, 16), dtype=torch.uint8)
     scales = torch.randint(118, 131, (E, M, K // 32), dtype=torch.uint8)
-    for dtype, T, decode in ((torch.bfloat16, 5, "prmt"), (torch.bfloat16, 5, "shift"), (torch.bfloat16, 50, "prmt"),
-                             (torch.bfloat16, 50, "shift"), (torch.bfloat16, 150, "prmt"), (torch.float32, 9, "prmt"),
-                             (torch.float16, 9, "prmt")):
-        os.environ["GPTOSS_EXT_MXFP4_GEMV_DECODE"] = decode  # the GEMV's weight decode (T = 5, 50)
+    for dtype, T in ((torch.bfloat16, 5), (torch.bfloat16, 50), (torch.bfloat16, 150), (torch.float32, 9),
+                     (torch.float16, 9)):
         experts = routing(T, E, 1)
         _, ri, offsets = dispatch_oracle(experts, E)
         x = torch.randn(T, K).to(dtype)
         b = torch.randn(E, M).to(dtype)
         for fused in (False, True):
             out = C.moe_grouped_gemm_mxfp4(*cuda(x, ri, offsets, blocks, scales, b), fused, ALPHA, LIMIT)
-            ok &= check(f"moe_grouped_gemm_mxfp4 T={T} fused={fused} {dtype} {decode}", out,
+            ok &= check(f"moe_grouped_gemm_mxfp4 T={T} fused={fused} {dtype}", out,
                         gemm_expect(x, ri, offsets, (blocks, scales), b, fused), 2 * tol[dtype] * 10,
                         2 * tol[dtype])
-    os.environ.pop("GPTOSS_EXT_MXFP4_GEMV_DECODE")
 
     # moe_experts_mxfp4: the decode launches (bf16, T k <= 256: one prep block, two GEMVs, combine)
     # against the op sequence, and T k = 260 (the op sequence itself) against the CPU kernel
@@ -259,17 +256,11 @@ def bench():
             fused = name == "mlp1"
             xin = torch.randn(T if fused else T * k, K, device="cuda").bfloat16()
             rin = ri if fused else None
-            # the GEMV's two weight decodes (GPTOSS_EXT_MXFP4_GEMV_DECODE) where the GEMV runs
-            for decode in (("prmt", "shift") if T <= 8 else ("prmt",)):
-                os.environ["GPTOSS_EXT_MXFP4_GEMV_DECODE"] = decode
-                ms = _time_ms(lambda: C.moe_grouped_gemm_mxfp4(xin, rin, offsets, blocks, scales, b, fused, ALPHA,
-                                                               LIMIT))
-                wbytes = active * M * (K // 2 + K // 32)
-                tflops = 2.0 * T * k * M * K / ms / 1e9
-                print(f"MXFP4 {name} T={T} ({active} experts, {decode} decode): {ms:.3f} ms, "
-                      f"{wbytes / ms / 1e6:.0f} GB/s of weights ({wbytes / ms / 1e6 / copy_gbs * 100:.0f}% of the "
-                      f"copy bandwidth), {tflops:.1f} TFLOP/s")
-            os.environ.pop("GPTOSS_EXT_MXFP4_GEMV_DECODE")
+            ms = _time_ms(lambda: C.moe_grouped_gemm_mxfp4(xin, rin, offsets, blocks, scales, b, fused, ALPHA, LIMIT))
+            wbytes = active * M * (K // 2 + K // 32)
+            tflops = 2.0 * T * k * M * K / ms / 1e9
+            print(f"MXFP4 {name} T={T} ({active} experts): {ms:.3f} ms, {wbytes / ms / 1e6:.0f} GB/s of weights "
+                  f"({wbytes / ms / 1e6 / copy_gbs * 100:.0f}% of the copy bandwidth), {tflops:.1f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,15 @@
 # this order (by value per device second):
 #   build     build with CUDA for sm_90, import, SASS check                      (~70 s on 16 cores)
 #   tests     the CUDA tests (-k cuda: CUDA-vs-CPU parity of every op, the CUDA model tests with
-#             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~70 s)
-#             then the decode-path ones again with GPTOSS_EXT_PDL=1              (~40 s, est.)
-#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph, for
-#             the kernel variants side by side (base, pdl, shift, pdl+shift; two rounds), with a
-#             kernel profile of the step; the demo (CUDA vs CPU logits)          (~2 min, est.)
+#             CUDA graph and compiled decode), pytest-xdist over 8 workers        (~65 s)
+#   model     gpt-oss-20b decode at batch 1 vs its bandwidth floor, eager and CUDA graph (two
+#             rounds), with a kernel profile of the step; the demo (CUDA vs CPU logits) (~40 s)
 #   bench     GPU benchmarks: rms_norm, rope, attention, linear, MoE             (~1.5 min)
 #   sanitize  compute-sanitizer memcheck + racecheck over scripts/cuda_smoke*.py (~40 s)
 #   profile   Nsight Compute on the decode GEMV (not in the default set; ~1 min)
-# Measured on an H100 (2026-11-26): build..sanitize took 243 s in all (before tests_pdl and the
-# model variants). With 15 minutes of device time, start with `build tests model` (DEADLINE_S).
+# Measured on an H100 (2026-11-27): build tests model 233 s (with a PDL rerun of the tests and four
+# kernel variants since removed), bench sanitize 123 s. With 15 minutes of device time, start with
+# `build tests model` (DEADLINE_S).
 # `scripts/device_check.sh` runs build..sanitize; `scripts/device_check.sh build tests` runs those. The
 # build stays on a warm machine between calls. DEADLINE_S=N (seconds from the start) shortens or
 # skips the steps that would run past it, so one call can take what fits and say what it skipped.
@@ -73,18 +72,10 @@ step import 60 $PY -c "import gptoss_ext, torch; assert gptoss_ext.has_cuda_kern
   || { cat "$SUMMARY"; exit 1; }
 has build && step sass 120 $PY scripts/check_sass.py
 has tests && step tests 300 $PY -m pytest -q -m "not slow" -k cuda -p no:cacheprovider -n 8 --maxfail=25 -rfE
-# The decode-path kernels again with programmatic dependent launch (GPTOSS_EXT_PDL=1, utils.cuh):
-# the model (CUDA graph and compiled decode included) and the ops of its decode step.
-has tests && step tests_pdl 200 env GPTOSS_EXT_PDL=1 $PY -m pytest -q -m "not slow" -p no:cacheprovider -n 8 \
-  --maxfail=25 -rfE tests/test_model_cuda.py tests/test_linear_cuda.py tests/test_rms_norm_cuda.py \
-  tests/test_rope_cuda.py tests/test_attention_cuda.py tests/test_moe_cuda.py -k "not backward and not bwd"
 if has model; then
   # gpt-oss-20b decode at batch 1 (random MXFP4 weights, ~13 GB of GPU memory), eager and CUDA
-  # graph, vs the bandwidth floor. (CUDA graph == eager is tested in the tests phase.)
-  # Side by side in one process, two alternating rounds: the default kernels, programmatic
-  # dependent launch (GPTOSS_EXT_PDL), the decode GEMV's shift decode (GPTOSS_EXT_MXFP4_GEMV_DECODE).
-  step bench_model_cuda 300 $PY benchmarks/bench_model.py --device cuda --rounds 2 \
-    --variants base,pdl,shift,pdl+shift
+  # graph, vs the bandwidth floor, two rounds. (CUDA graph == eager is tested in the tests phase.)
+  step bench_model_cuda 300 $PY benchmarks/bench_model.py --device cuda --rounds 2
   step demo_cuda 180 $PY -m gptoss.demo  # `make demo`'s job; compares CUDA and CPU logits on a GPU
 fi
 if has bench; then

@@ -493,33 +493,6 @@ def test_grouped_gemm_mxfp4_real_size(T):
     _close_to_oracle(y, _mxfp4_oracle(a.cpu(), None, offsets, bl2, sc2, b2, False), torch.bfloat16)
 
 
-# The decode GEMV's second weight decode (shifts and masks instead of prmt tables; chosen with
-# GPTOSS_EXT_MXFP4_GEMV_DECODE=shift until a GPU run has timed both): the same checks, plus
-# agreement with the default decode (the same products, summed in another k order inside an mma).
-@pytest.fixture
-def shift_decode(monkeypatch):
-    monkeypatch.setenv("GPTOSS_EXT_MXFP4_GEMV_DECODE", "shift")
-
-
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("T,E,k", [(1, 32, 4), (16, 32, 4), (50, 8, 2), (37, 4, 2)])
-def test_grouped_gemm_mxfp4_shift_decode(shift_decode, monkeypatch, T, E, k, fused):
-    x, ri, offsets, blocks, scales, b = _mxfp4_case(T, E, k, 96, 160, torch.bfloat16)
-    args = (*_to(DEV, x, ri, offsets, blocks, scales, b), fused, ALPHA, LIMIT)
-    out = C.moe_grouped_gemm_mxfp4(*args)
-    _close_to_oracle(out, _mxfp4_oracle(x, ri, offsets, blocks, scales, b, fused), torch.bfloat16)
-    monkeypatch.setenv("GPTOSS_EXT_MXFP4_GEMV_DECODE", "prmt")
-    assert_close(out, C.moe_grouped_gemm_mxfp4(*args), torch.bfloat16)
-
-
-def test_grouped_gemm_mxfp4_shift_decode_sizes_and_scales(shift_decode):
-    for K, M in ((32, 18), (352, 130), (2880, 72)):
-        test_grouped_gemm_mxfp4_awkward_sizes(K, M)
-    test_grouped_gemm_mxfp4_wide_scales()  # scale bytes above 128: the second factor
-    test_grouped_gemm_mxfp4_real_size(7)
-    test_experts_mxfp4_decode_path_equals_op_sequence(1, 32, 4, 2880, 2880)
-
-
 @requires_cpu_moe
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [9, 300])

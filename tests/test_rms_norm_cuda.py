@@ -185,13 +185,13 @@ def test_add_rms_norm_cuda_autograd_and_opcheck():
     x, res, g = torch.randn(5, 2880), torch.randn(5, 2880), torch.randn(5, 2880)
     scale = _scale(2880)
     grads = []
-    for dev in ("cpu", DEV):
-        leaves = [t.to(dev).requires_grad_() for t in (x, res, scale)]
+    for dev in ("cpu", DEV):  # fresh leaves on each device (x.to("cpu") would be x itself)
+        leaves = [t.detach().to(dev).clone().requires_grad_() for t in (x, res, scale)]
         out, s = gptoss_ext.add_rms_norm(*leaves, EPS)
         (out * g.to(dev) + s.square()).sum().backward()
         grads.append([t.grad.cpu() for t in leaves])
     for cpu, cuda in zip(*grads):
         assert_close(cuda, cpu, dtype=torch.float32, scale=max(1.0, 5 ** 0.5))
     assert torch.equal(grads[1][0], grads[1][1])  # d/dx = d/dresidual
-    args = [t.to(DEV).requires_grad_() for t in (x, res, scale)]
+    args = [t.detach().to(DEV).requires_grad_() for t in (x, res, scale)]
     torch.library.opcheck(torch.ops.gptoss_ext.add_rms_norm.default, (*args, EPS))

@@ -49,9 +49,6 @@
 namespace gptoss {
 namespace cuda_attn {
 using namespace gptoss::sm80;   // cuda/mma_sm80.cuh
-using gptoss::cuda::launch_pdl;  // cuda/utils.cuh: programmatic dependent launch
-using gptoss::cuda::pdl_launch_dependents;
-using gptoss::cuda::pdl_wait;
 using gptoss::cuda::sm_count;
 namespace {
 
@@ -143,8 +140,6 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const FwdPara
   constexpr int PK = BN / 16; // k-steps of O += P V
   constexpr int DT = D / 8;   // n-tiles (8 dims) of O
 
-  pdl_launch_dependents();
-  pdl_wait();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][D]
   T* sK = sQ + BM * D;                     // [2][BN][D]
@@ -444,8 +439,6 @@ __device__ __forceinline__ A warp_sum(A x) {
 template <typename T, typename A, bool kDecode>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const FwdParams p) {
   __shared__ A sq[kSimtWarps][128];
-  pdl_launch_dependents();
-  pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rr = blockIdx.x * kSimtWarps + warp;
   const int kvh = blockIdx.y / p.num_splits;
@@ -537,8 +530,6 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attn_fwd_simt_kernel(const Fw
 // ridx = (b * Hq + h) * Tq + i; grid.x = ceil(B*Hq*Tq / 4).
 template <typename T>
 __global__ void __launch_bounds__(kSimtWarps * 32) attn_combine_kernel(const FwdParams p) {
-  pdl_launch_dependents();
-  pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t NR = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const int64_t ridx = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
@@ -584,8 +575,6 @@ __global__ void kv_cache_append_kernel(E* __restrict__ kc, E* __restrict__ vc, c
                                        int64_t S, int64_t H, int64_t D, int64_t k_sb, int64_t k_st,
                                        int64_t k_sh, int64_t k_sd, int64_t v_sb, int64_t v_st, int64_t v_sh,
                                        int64_t v_sd, int64_t total, bool ring) {
-  pdl_launch_dependents();
-  pdl_wait();
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = e % D;
@@ -680,7 +669,8 @@ void launch_mma(C cfg, const FwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.q_sd == 1 && p.k_sd == 1 && p.v_sd == 1, "attention (CUDA): internal error, MMA path needs unit D stride");
   allow_smem(cfg);
   const dim3 grid((p.R + C::BM - 1) / C::BM, p.Hkv * p.num_splits, p.B);
-  launch_pdl(C::kernel, grid, kMmaThreads, C::smem, stream, p);
+  C::kernel<<<grid, kMmaThreads, C::smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // MMA path inputs: unit stride in D, 16-byte aligned rows; anything else is copied contiguous.
@@ -741,7 +731,10 @@ void run_forward(FwdParams& p, const at::Tensor& q, bool mma, int64_t max_keys, 
     with_mma_config<kDecode>(dt, p.D, [&](auto cfg) { launch_mma(cfg, p, stream); });
   } else {
     const dim3 grid((p.R + kSimtWarps - 1) / kSimtWarps, p.Hkv * p.num_splits, p.B);
-    auto run = [&](auto kernel) { launch_pdl(kernel, grid, kSimtWarps * 32, 0, stream, p); };
+    auto run = [&](auto kernel) {
+      kernel<<<grid, kSimtWarps * 32, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     switch (dt) {
       case at::kFloat: run(attn_fwd_simt_kernel<float, float, kDecode>); break;
       case at::kDouble: run(attn_fwd_simt_kernel<double, double, kDecode>); break;
@@ -753,7 +746,10 @@ void run_forward(FwdParams& p, const at::Tensor& q, bool mma, int64_t max_keys, 
   if (p.num_splits > 1) {
     const int64_t NR = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
     const dim3 grid(static_cast<unsigned>((NR + kSimtWarps - 1) / kSimtWarps));
-    auto run = [&](auto kernel) { launch_pdl(kernel, grid, kSimtWarps * 32, 0, stream, p); };
+    auto run = [&](auto kernel) {
+      kernel<<<grid, kSimtWarps * 32, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     switch (dt) {
       case at::kFloat: run(attn_combine_kernel<float>); break;
       case at::kBFloat16: run(attn_combine_kernel<c10::BFloat16>); break;
@@ -855,11 +851,11 @@ void kv_cache_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto tag) {
     using E = decltype(tag);
-    launch_pdl(kv_cache_append_kernel<E>, static_cast<unsigned>(blocks), threads, 0, stream,
-               static_cast<E*>(k_cache.data_ptr()), static_cast<E*>(v_cache.data_ptr()),
-               static_cast<const E*>(k.data_ptr()), static_cast<const E*>(v.data_ptr()), lengths.data_ptr<int>(), Tn,
-               S, H, D, k.stride(0), k.stride(1), k.stride(2), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
-               v.stride(3), total, ring);
+    kv_cache_append_kernel<E><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        static_cast<E*>(k_cache.data_ptr()), static_cast<E*>(v_cache.data_ptr()), static_cast<const E*>(k.data_ptr()),
+        static_cast<const E*>(v.data_ptr()), lengths.data_ptr<int>(), Tn, S, H, D, k.stride(0), k.stride(1),
+        k.stride(2), k.stride(3), v.stride(0), v.stride(1), v.stride(2), v.stride(3), total, ring);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (k_cache.element_size()) {
     case 2: launch(uint16_t{}); break;

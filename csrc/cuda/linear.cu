@@ -55,16 +55,14 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < kRows; ++r)  // a row past N re-reads row n0 (its sums are not written)
     wr[r] = reinterpret_cast<const uint4*>(w + (n0 + r < N ? n0 + r : n0) * K);
-  // The warp's weight rows (up to 16 KB of each) head for L2 while earlier kernels may still run
-  // (PDL: a resident CTA waits below until its inputs are ready).
-  pdl_launch_dependents();
+  // The warp's weight rows (up to 16 KB of each) are requested into L2 ahead of the streaming loads
+  // below: more bytes in flight than the loop's kUnroll steps alone.
   if (n0 < N) {
     const int64_t pf = chunks < 1024 ? chunks : 1024;
     for (int64_t c = lane * 4; c < pf; c += 128)  // one 64-byte line (4 chunks) per prefetch
 #pragma unroll
       for (int r = 0; r < kRows; ++r) prefetch_l2(wr[r] + c);
   }
-  pdl_wait();
   if (n0 >= N) return;  // whole warp
   const uint4* xr = reinterpret_cast<const uint4*>(x);
   float acc[M][kRows];
@@ -126,7 +124,10 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   const T* bp = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
   T* yp = y.mutable_data_ptr<T>();
   const unsigned blocks = grid_x(ceil_div(N, static_cast<int64_t>(kWarps) * kRows), "linear");
-  auto run = [&](auto kernel) { launch_pdl(kernel, blocks, kWarps * 32, 0, stream, xp, wp, bp, yp, N, K); };
+  auto run = [&](auto kernel) {
+    kernel<<<blocks, kWarps * 32, 0, stream>>>(xp, wp, bp, yp, N, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
   switch (M) {
     case 1: run(linear_gemv_kernel<T, 1>); break;
     case 2: run(linear_gemv_kernel<T, 2>); break;

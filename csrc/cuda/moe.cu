@@ -245,8 +245,6 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
                            int32_t* __restrict__ so, int32_t* __restrict__ tile_start) {
   __shared__ int32_t key[kPrepMaxSlots];
   __shared__ int32_t hist[kPrepMaxExperts + 1];
-  pdl_launch_dependents();
-  pdl_wait();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n = n_tokens * k;
   for (int t = warp; t < n_tokens; t += kRouteWarps) route_token(logits + static_cast<int64_t>(t) * E, E, k,
@@ -522,8 +520,6 @@ __global__ void __launch_bounds__(256)
                    int64_t n_tokens, int k, int64_t d, T* __restrict__ out) {
   using A = acc_t<T>;
   using V = Vec<T, VW>;
-  pdl_launch_dependents();
-  pdl_wait();
   const int64_t nv = d / VW, total = n_tokens * nv;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
@@ -680,9 +676,10 @@ void moe_decode_prep(const at::Tensor& logits, int64_t k, at::Tensor& weights, i
               "moe_decode_prep: needs 1 <= T k <= ", kPrepMaxSlots, ", E <= ", kPrepMaxExperts,
               " and contiguous logits, got T=", T, ", k=", k, ", E=", E);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "moe_decode_prep", [&] {
-    launch_pdl(moe_decode_prep_kernel<scalar_t>, 1, kRouteWarps * 32, 0, stream, logits.const_data_ptr<scalar_t>(),
-               static_cast<int>(T), static_cast<int>(E), static_cast<int>(k),
-               weights.mutable_data_ptr<acc_t<scalar_t>>(), order, row_token, inv, so, tile_start);
+    moe_decode_prep_kernel<scalar_t><<<1, kRouteWarps * 32, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), static_cast<int>(T), static_cast<int>(E), static_cast<int>(k),
+        weights.mutable_data_ptr<acc_t<scalar_t>>(), order, row_token, inv, so, tile_start);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -695,9 +692,10 @@ void launch_combine(const at::Tensor& y, const int32_t* inv, const at::Tensor& w
     const bool vec = d % VW == 0 && is_aligned(y.const_data_ptr(), 16) && is_aligned(out.const_data_ptr(), 16);
     auto run = [&](auto vw) {
       constexpr int W = decltype(vw)::value;
-      launch_pdl(combine_kernel<scalar_t, W>, elementwise_blocks(T * (d / W)), 256, 0, stream,
-                 y.const_data_ptr<scalar_t>(), inv, w.const_data_ptr<acc_t<scalar_t>>(), T, static_cast<int>(k), d,
-                 out.mutable_data_ptr<scalar_t>());
+      combine_kernel<scalar_t, W><<<elementwise_blocks(T * (d / W)), 256, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), inv, w.const_data_ptr<acc_t<scalar_t>>(), T, static_cast<int>(k), d,
+          out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) run(std::integral_constant<int, VW>{});
     else run(std::integral_constant<int, 1>{});

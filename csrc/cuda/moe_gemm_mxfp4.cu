@@ -30,7 +30,6 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -173,18 +172,16 @@ struct GvRaw {
 // same pairs of token g's row. Every lane with the same t uses the same real k, so A and B agree.
 // S: the steps of weight loads a lane has in flight (the math of step s runs while steps s + 1 ..
 // s + S - 1 are being fetched); the arithmetic, and so the result, does not depend on S.
-// SHIFT selects the weight decode: false, decode8_twice_bf16 (prmt tables; word q gives pairs
-// (8q + 2j, 8q + 2j + 1)); true, mxfp4_decode8_pow126_bf16 (shifts and masks, ~30% fewer
-// instructions per step; pairs (8q + j, 8q + j + 4)), with the staged token chunks permuted to the
-// same pairs. Both give the same products; the order of the k inside an mma differs.
-template <int NT, bool FUSED, int S, bool SHIFT, int KS>
+// The weight decode is mxfp4_decode8_pow126_bf16 (shifts and masks: ~223 instructions per step in
+// the SASS against ~280 with the prmt tables of the tensor-core kernel, 3% faster on the 20b decode
+// step, H100, docs/gpu-results.md): word q gives the pairs (8q + j, 8q + j + 4), so the staged token
+// chunks are permuted to the same pairs.
+template <int NT, bool FUSED, int S, int KS>
 __global__ void __launch_bounds__(kGvWarps * 32 * KS, 4 / KS)
     mxfp4_gemv_kernel(const GemmParams<Bf16, float> p, const uint8_t* __restrict__ blocks,
                       const uint8_t* __restrict__ scales, int kc, int rs) {
   constexpr int TOK = 8 * NT;
   extern __shared__ __align__(16) uint8_t xs[];  // [TOK][rs]
-  pdl_launch_dependents();
-  pdl_wait();
   static_assert(KS == 1 || KS == 2, "K parts");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const int rg = KS > 1 ? warp % kGvWarps : warp, kp = KS > 1 ? warp / kGvWarps : 0;
@@ -253,10 +250,9 @@ __global__ void __launch_bounds__(kGvWarps * 32 * KS, 4 / KS)
             v = make_uint4(0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u, 0x7FC07FC0u);  // bfloat16 NaN
           } else if (k < K) {
             v = *reinterpret_cast<const uint4*>(p.a + src * K + k);
-            if constexpr (SHIFT) {  // (x0..x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7)
-              v = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
-                             prmt(v.y, v.w, 0x7632u));
-            }
+            // (x0..x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7): the decode's pairs
+            v = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
+                           prmt(v.y, v.w, 0x7632u));
           }
           *reinterpret_cast<uint4*>(xs + tok * rs + (blk * 4 + (wq ^ ((blk >> 1) & 1))) * 16) = v;
         }
@@ -265,38 +261,26 @@ __global__ void __launch_bounds__(kGvWarps * 32 * KS, 4 / KS)
         // The i-th step: decode the lane's two weight blocks and multiply them with the staged tokens.
         auto consume = [&](const GvRaw& r0, int i) {
           uint32_t wa[4][4], wb[4][4];  // [word q][pair]
-          if constexpr (SHIFT) {
-            const uint32_t ra[4] = {r0.a.x, r0.a.y, r0.a.z, r0.a.w}, rb[4] = {r0.b.x, r0.b.y, r0.b.z, r0.b.w};
+          const uint32_t ra[4] = {r0.a.x, r0.a.y, r0.a.z, r0.a.w}, rb[4] = {r0.b.x, r0.b.y, r0.b.z, r0.b.w};
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              mxfp4_decode8_pow126_bf16(ra[q], wa[q]);
-              mxfp4_decode8_pow126_bf16(rb[q], wb[q]);
-            }
-            // x 2^(min(s, 128) - 1), then x 2^(s - 128) where some lane's scale byte exceeds 128
-            // (bf16x2 factors: exponent fields min(s, 128) + 126 and max(s, 128) - 1)
-            auto scale_rows = [&](uint32_t fa, uint32_t fb) {
-#pragma unroll
-              for (int q = 0; q < 4; ++q)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                  wa[q][j] = bf16x2_mul(wa[q][j], (fa << 7) * 0x00010001u);
-                  wb[q][j] = bf16x2_mul(wb[q][j], (fb << 7) * 0x00010001u);
-                }
-            };
-            scale_rows(min(r0.sa, 128u) + 126u, min(r0.sb, 128u) + 126u);
-            if (__any_sync(0xffffffffu, max(r0.sa, r0.sb) > 128u))  // warp-uniform
-              scale_rows(max(r0.sa, 128u) - 1u, max(r0.sb, 128u) - 1u);
-          } else {
-            const uint32_t s2a = bf16x2_scale(r0.sa), s2b = bf16x2_scale(r0.sb);
-            decode8_bf16(r0.a.x, s2a, wa[0]);
-            decode8_bf16(r0.a.y, s2a, wa[1]);
-            decode8_bf16(r0.a.z, s2a, wa[2]);
-            decode8_bf16(r0.a.w, s2a, wa[3]);
-            decode8_bf16(r0.b.x, s2b, wb[0]);
-            decode8_bf16(r0.b.y, s2b, wb[1]);
-            decode8_bf16(r0.b.z, s2b, wb[2]);
-            decode8_bf16(r0.b.w, s2b, wb[3]);
+          for (int q = 0; q < 4; ++q) {
+            mxfp4_decode8_pow126_bf16(ra[q], wa[q]);
+            mxfp4_decode8_pow126_bf16(rb[q], wb[q]);
           }
+          // x 2^(min(s, 128) - 1), then x 2^(s - 128) where some lane's scale byte exceeds 128
+          // (bf16x2 factors: exponent fields min(s, 128) + 126 and max(s, 128) - 1)
+          auto scale_rows = [&](uint32_t fa, uint32_t fb) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                wa[q][j] = bf16x2_mul(wa[q][j], (fa << 7) * 0x00010001u);
+                wb[q][j] = bf16x2_mul(wb[q][j], (fb << 7) * 0x00010001u);
+              }
+          };
+          scale_rows(min(r0.sa, 128u) + 126u, min(r0.sb, 128u) + 126u);
+          if (__any_sync(0xffffffffu, max(r0.sa, r0.sb) > 128u))  // warp-uniform
+            scale_rows(max(r0.sa, 128u) - 1u, max(r0.sb, 128u) - 1u);
           const int blk = blk0 + 4 * KS * i;
           const uint32_t sw = static_cast<uint32_t>((blk >> 1) & 1);
 #pragma unroll
@@ -399,14 +383,6 @@ GvSmem gemv_smem(int64_t K, int tok) {
   return s;
 }
 
-// The GEMV's weight decode (see mxfp4_gemv_kernel): the prmt tables by default; the shift decode
-// with GPTOSS_EXT_MXFP4_GEMV_DECODE=shift, read at every launch. A measurement switch until a GPU
-// run has compared the two on the real shapes (docs/gpu-results.md); then one of them goes.
-bool gemv_shift_decode() {
-  const char* v = std::getenv("GPTOSS_EXT_MXFP4_GEMV_DECODE");
-  return v != nullptr && std::strcmp(v, "shift") == 0;
-}
-
 void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const uint8_t* scales, int64_t E, bool fused,
                  cudaStream_t stream) {
   const int64_t avg = ceil_div(p.n_rows, E);
@@ -422,23 +398,19 @@ void launch_gemv(const GemmParams<Bf16, float>& p, const uint8_t* blocks, const 
               "moe_grouped_gemm_mxfp4: internal error, GEMV shared memory too small for the K-part sums");
   auto run = [&](auto kernel) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm.bytes));
-    launch_pdl(kernel, grid, kGvWarps * 32 * ks, sm.bytes, stream, p, blocks, scales, sm.kc, sm.rs);
+    kernel<<<grid, kGvWarps * 32 * ks, sm.bytes, stream>>>(p, blocks, scales, sm.kc, sm.rs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // S: weight steps in flight per lane (S - 1 requested ahead of the math). One token group
   // (T <= 8 per expert, decode) leaves the SMs few warps: the bytes in flight set the bandwidth.
-  auto pick = [&](auto shift) {
-    constexpr bool SH = decltype(shift)::value;
-    if (nt == 1) {
-      if (split) fused ? run(mxfp4_gemv_kernel<1, true, 5, SH, 2>) : run(mxfp4_gemv_kernel<1, false, 5, SH, 2>);
-      else fused ? run(mxfp4_gemv_kernel<1, true, 5, SH, 1>) : run(mxfp4_gemv_kernel<1, false, 5, SH, 1>);
-    } else if (nt == 2) {
-      fused ? run(mxfp4_gemv_kernel<2, true, 3, SH, 1>) : run(mxfp4_gemv_kernel<2, false, 3, SH, 1>);
-    } else {
-      fused ? run(mxfp4_gemv_kernel<4, true, 3, SH, 1>) : run(mxfp4_gemv_kernel<4, false, 3, SH, 1>);
-    }
-  };
-  if (gemv_shift_decode()) pick(std::true_type{});
-  else pick(std::false_type{});
+  if (nt == 1) {
+    if (split) fused ? run(mxfp4_gemv_kernel<1, true, 5, 2>) : run(mxfp4_gemv_kernel<1, false, 5, 2>);
+    else fused ? run(mxfp4_gemv_kernel<1, true, 5, 1>) : run(mxfp4_gemv_kernel<1, false, 5, 1>);
+  } else if (nt == 2) {
+    fused ? run(mxfp4_gemv_kernel<2, true, 3, 1>) : run(mxfp4_gemv_kernel<2, false, 3, 1>);
+  } else {
+    fused ? run(mxfp4_gemv_kernel<4, true, 3, 1>) : run(mxfp4_gemv_kernel<4, false, 3, 1>);
+  }
 }
 
 // The decode (GEMV) kernel for up to this many grouped rows per expert on average.

@@ -53,8 +53,6 @@ __global__ void __launch_bounds__(VPT == 8 ? kFwdMaxTpr : 256)
                             float eps) {
   using V = Vec<T, VW>;
   __shared__ float red[32];
-  pdl_launch_dependents();
-  pdl_wait();
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
@@ -119,8 +117,6 @@ __global__ void __launch_bounds__(kStreamMaxTpr)
   using A = acc_t<T>;
   using V = Vec<T, VW>;
   __shared__ A red[32];
-  pdl_launch_dependents();
-  pdl_wait();
   const int nvec = d / VW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < rows;
@@ -172,7 +168,10 @@ void launch_fwd(const T* x, const T* res, const acc_t<T>* w, T* y, T* sum, acc_t
     if (pick_row_shape(nvec, kFwdVpts, kFwdMaxTpr, s)) {
       const dim3 block(s.tpr, s.rpb), grid(grid_x(ceil_div(rows, s.rpb), "rms_norm"));
       const float e = static_cast<float>(eps);
-      auto run = [&](auto kernel) { launch_pdl(kernel, grid, block, 0, stream, x, res, w, y, sum, rstd, rows, d, e); };
+      auto run = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d, e);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
       switch (s.vpt) {
         case 1: run(rms_norm_fwd_reg_kernel<T, VW, 1>); break;
         case 2: run(rms_norm_fwd_reg_kernel<T, VW, 2>); break;
@@ -184,8 +183,9 @@ void launch_fwd(const T* x, const T* res, const acc_t<T>* w, T* y, T* sum, acc_t
     s = stream_row_shape(nvec, kStreamMaxTpr);
   }
   const dim3 block(s.tpr, s.rpb), grid(grid_x(ceil_div(rows, s.rpb), "rms_norm"));
-  launch_pdl(rms_norm_fwd_stream_kernel<T, VW>, grid, block, 0, stream, x, res, w, y, sum, rstd, rows, d,
-             static_cast<acc_t<T>>(eps));
+  rms_norm_fwd_stream_kernel<T, VW><<<grid, block, 0, stream>>>(x, res, w, y, sum, rstd, rows, d,
+                                                                 static_cast<acc_t<T>>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ------------------------------------------------------------------------------------ backward

@@ -33,8 +33,6 @@ __global__ void __launch_bounds__(kRopeThreads)
                 T* __restrict__ y, int64_t rows, int64_t Tn, int64_t H, int half, int64_t tab_bstride) {
   using A = acc_t<T>;
   using V = Vec<T, VW>;
-  pdl_launch_dependents();
-  pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   int64_t p, h, b, t;
@@ -71,8 +69,9 @@ void launch_rope(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* y, int
   const int npv = half / VW;
   const int bx = std::min(next_pow2(npv), 64);
   const int by = kRopeThreads / bx;
-  launch_pdl(rope_kernel<T, VW>, grid_x(ceil_div(rows, by), "apply_rope"), dim3(bx, by), 0, stream, x, cos, sin, y,
-             rows, Tn, H, half, tab_bstride);
+  rope_kernel<T, VW><<<grid_x(ceil_div(rows, by), "apply_rope"), dim3(bx, by), 0, stream>>>(x, cos, sin, y, rows, Tn, H,
+                                                                                           half, tab_bstride);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor apply_rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {

@@ -173,67 +173,11 @@ inline RowShape stream_row_shape(int64_t nvec, int max_tpr) {
   return s;
 }
 
-// ------------------------------------------------------------- programmatic dependent launch
-//
-// Decode steps are chains of short kernels; with programmatic dependent launch (sm_90+) the next
-// kernel of the stream is scheduled while the current one still runs, so its launch latency and
-// prologue overlap instead of following. Kernels launched through launch_pdl keep this contract:
-//   - pdl_launch_dependents() first: once every CTA of this grid has started, the next kernel's
-//     CTAs may be scheduled where resources allow (and wait there in their own pdl_wait());
-//   - every thread calls pdl_wait() before it reads anything earlier stream work may have written
-//     or writes anything, and before it exits (so a grid never completes ahead of its
-//     predecessor: completion stays transitive along the chain, however far ahead it was
-//     scheduled);
-//   - before pdl_wait() only L2 prefetches (prefetch_l2) of weights; L2 is the coherence point,
-//     so a line prefetched before a write lands is updated by it: the cost is only bandwidth.
-// Both are no-ops when the grid was launched without the attribute or below sm_90.
-// GPTOSS_EXT_PDL=1 switches it on (read at each launch, as the measurement switch it is until a
-// GPU run has compared the two; docs/gpu-results.md); otherwise launch_pdl is a plain launch.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // Hint: bring the 128-byte line holding p into L2 (no register result, no ordering).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 #endif
-}
-
-// GPTOSS_EXT_PDL=1 and the current device is sm_90+.
-inline bool pdl_enabled() {
-  const char* v = std::getenv("GPTOSS_EXT_PDL");
-  if (v == nullptr || std::strcmp(v, "1") != 0) return false;
-  int dev = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major >= 9;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// pdl_enabled(). Arguments are converted to the kernel's parameter types as <<<>>> would.
-template <typename... Params, typename... Args>
-void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(std::forward<Args>(args))...));
 }
 
 }  // namespace gptoss::cuda

@@ -36,13 +36,6 @@ inline bool __any_sync(unsigned, bool p) {
 }
 '''
 
-# launch_pdl on the emulator (PDL itself is a no-op there)
-EMU_LAUNCH_PDL = '''template <typename K, typename... Args>
-void launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
-  ::emu::launch(kernel, grid, block, smem, args...);
-}'''
-
-
 def function_at(src, start):
     """The text of the definition beginning at `start` (a unique prefix) through its closing brace."""
     i = src.index(start)
@@ -58,6 +51,14 @@ def function_at(src, start):
     raise ValueError(f"unbalanced braces after {start!r}")
 
 
+def emu_launches(src):
+    """kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem, args)."""
+    pat = re.compile(r'([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);', re.S)
+    src = pat.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2).rsplit(',', 1)[0]}, {m.group(3)});", src)
+    assert "<<<" not in src
+    return src
+
+
 def strip_includes(s):
     return re.sub(r'#include <(c10/cuda/[^>]+|cuda_runtime\.h|cuda_bf16\.h|cuda_fp16\.h)>\n', "", s)
 
@@ -66,16 +67,11 @@ def whole_file(cu, exports):
     """Host C++ for csrc/cuda/<cu>: utils.cuh inlined (launches on the emulator), the CUDA
     registration replaced by a Python module exporting `exports` (names in gptoss::cuda)."""
     utils = strip_includes(open(os.path.join(ROOT, "csrc/cuda/utils.cuh")).read()).replace("#pragma once", "")
-    utils = utils.replace(function_at(utils, "template <typename... Params, typename... Args>\nvoid launch_pdl"),
-                          EMU_LAUNCH_PDL)
-    utils = utils.replace(function_at(utils, "inline bool pdl_enabled()"), "inline bool pdl_enabled() { return false; }")
     src = strip_includes(open(os.path.join(ROOT, "csrc/cuda", cu)).read())
     src = src.replace('#include "cuda/utils.cuh"\n', "")
     src = src[:src.index("TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m)")] + "}  // namespace gptoss::cuda\n"
     src = src.replace("__shared__", "static")  # one CTA runs at a time: a static is its shared memory
-    pat = re.compile(r'([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);', re.S)
-    src = pat.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2).rsplit(',', 1)[0]}, {m.group(3)});", src)
-    assert "<<<" not in src
+    src = emu_launches(src)
     tail = "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "".join(
         f'  m.def("{e}", &gptoss::cuda::{e});\n' for e in exports) + "}\n"
     return PRELUDE + utils + src + tail
