@@ -1,10 +1,15 @@
 """Shared test setup: devices, seeds, and the one tolerance table every test uses."""
 import os
+import tempfile
 
 import pytest
 import torch
 
 import gptoss_ext
+
+# The tokenizer's vocabulary file (gptoss.tokenizer.vocab_dir) goes to a test folder unless the
+# caller chose one.
+os.environ.setdefault("GPTOSS_CACHE", os.path.join(tempfile.gettempdir(), "gptoss-test-cache"))
 
 # Absolute and relative tolerance per dtype, for a kernel compared with the float64 oracle whose
 # inputs were rounded to the kernel's dtype first. Low-precision rows allow one or two roundings

@@ -1,5 +1,9 @@
-"""Command line: `gptoss convert SRC DST --layout hf|openai [--dequantize]` (also
-`python -m gptoss.cli ...`)."""
+"""Command line (also `python -m gptoss.cli ...`):
+
+    gptoss convert SRC DST --layout hf|openai [--dequantize]
+    gptoss generate CKPT --prompt TEXT      raw text continuation (o200k_harmony, no chat format)
+    gptoss chat CKPT [--reasoning low]      a Harmony chat on the terminal (one turn per input line)
+"""
 import argparse
 import sys
 from typing import List, Optional
@@ -23,6 +27,62 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from .model import Transformer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Transformer.from_checkpoint(args.checkpoint, device=device, dtype=getattr(torch, _DTYPES[args.dtype]),
+                                       progress=not args.quiet)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .tokenizer import Tokenizer, check_vocab
+
+    tok = Tokenizer()
+    model = _load_model(args)
+    check_vocab(model.cfg.vocab_size)
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    out = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   stop_tokens=[tok.endoftext])[0]
+    print(args.prompt + tok.decode([t for t in out if t != tok.endoftext]))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .harmony import Chat
+
+    chat = Chat(_load_model(args), reasoning_effort=args.reasoning, developer=args.developer,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        reply = chat.send(line.rstrip("\n"))
+        if args.show_analysis and reply.analysis:
+            print(f"[analysis] {reply.analysis}")
+        print(reply.final if reply.complete else reply.final + " [max-new-tokens reached]", flush=True)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activations and dense weights")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, help="sampling seed (temperature > 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="GPT-OSS model tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(func=_convert)
+    gen = sub.add_parser("generate", help="continue a text prompt (raw, no chat format)",
+                         description="Tokenize the prompt with o200k_harmony, generate over the KV cache until "
+                                     "<|endoftext|> or --max-new-tokens, print prompt + continuation.")
+    _model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.set_defaults(func=_generate)
+    chat = sub.add_parser("chat", help="chat in the Harmony format, one user turn per input line",
+                          description="Each line of standard input is a user turn; the assistant's final-channel "
+                                      "reply is printed (generation stops on <|return|> or <|call|>).")
+    _model_args(chat)
+    chat.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium",
+                      help="the system message's reasoning effort")
+    chat.add_argument("--developer", help="developer instructions (the developer message)")
+    chat.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
+    chat.set_defaults(func=_chat)
     return parser
 
 

@@ -84,6 +84,17 @@ def model_demo(name: str, cfg: ModelConfig, device: torch.device, mxfp4: bool, n
     return model, prompts
 
 
+def chat_demo(model, question: str = "What is 2 + 2?", new_tokens: int = 8):
+    from .harmony import Chat, render_prompt
+    chat = Chat(model, reasoning_effort="low", max_new_tokens=new_tokens)
+    t0 = time.perf_counter()
+    reply = chat.send(question)
+    dt = time.perf_counter() - t0
+    n_prompt = len(render_prompt([("user", question)], "low"))
+    print(f"   Harmony chat turn {question!r}: {n_prompt}-token prompt (o200k_harmony), {len(reply.tokens)} "
+          f"tokens in {dt:.2f} s; random weights, so the reply is noise: {reply.final[:60]!r}")
+
+
 def main():
     cfg = ModelConfig.preset("gpt-oss-20b")
     devices = [torch.device("cpu")]
@@ -110,6 +121,8 @@ def main():
     for name, mcfg, mxfp4, steps in models:
         print("\nkernels: gptoss_ext CPU kernels" + (" and CUDA kernels" if len(devices) > 1 else ""))
         model, prompts = model_demo(name, mcfg, devices[-1], mxfp4, steps)
+        if mcfg.vocab_size >= 201088:  # gpt-oss's vocabulary: a Harmony chat turn through the tokenizer
+            chat_demo(model)
         if devices[-1].type == "cuda":
             tokens = torch.tensor([prompts[0]])
             with torch.no_grad():

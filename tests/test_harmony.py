@@ -1,0 +1,122 @@
+"""The Harmony chat format (gptoss.harmony) against the spec's example (§5.2), and the chat session
+and `gptoss generate` / `gptoss chat` on a small random model with gpt-oss's vocabulary."""
+import io
+
+import pytest
+import torch
+
+pytest.importorskip("openai_harmony")
+pytest.importorskip("bpe_openai")
+
+from gptoss import ModelConfig, Transformer  # noqa: E402
+from gptoss import harmony  # noqa: E402
+from gptoss.cli import main  # noqa: E402
+from gptoss.tokenizer import Tokenizer  # noqa: E402
+
+# spec §5.2, "Exact example" (HM test-data/test_simple_convo.txt)
+SIMPLE_CONVO = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+                "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. "
+                "Channel must be included for every message.<|end|><|start|>user<|message|>What is 2 + 2?<|end|>"
+                "<|start|>assistant")
+# tiny-test's features (GQA, windows, YaRN, MoE) with gpt-oss's vocabulary and room for a chat
+CFG = ModelConfig.preset("tiny-test", vocab_size=201088, initial_context_length=64)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer.from_config(CFG, seed=21, dtype=torch.float32)
+
+
+def test_render_matches_spec_example(tok):
+    ids = harmony.render_prompt([("user", "What is 2 + 2?")])
+    assert tok.decode(ids) == SIMPLE_CONVO
+    assert ids == tok.encode(SIMPLE_CONVO, allowed_special="all")
+
+
+def test_render_options(tok):
+    text = tok.decode(harmony.render_prompt([("developer", "Answer in French."), ("user", "Hi")], "low"))
+    assert "Reasoning: low" in text and "Reasoning: medium" not in text
+    assert "<|start|>developer<|message|># Instructions\n\nAnswer in French.<|end|>" in text
+    assert text.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant")
+    # an earlier turn's analysis is dropped once its final answer is in the history (spec §5.2)
+    history = [("user", "2 + 2?"), harmony.message("assistant", "They want a sum.", channel="analysis"),
+               harmony.message("assistant", "4", channel="final"), ("user", "And 3 + 3?")]
+    text = tok.decode(harmony.render_prompt(history))
+    assert "They want a sum." not in text
+    assert "<|start|>assistant<|channel|>final<|message|>4<|end|>" in text
+    with pytest.raises(ValueError, match="role must be one of"):
+        harmony.render_prompt([("robot", "hi")])
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        harmony.render_prompt([("user", "hi")], "max")
+    with pytest.raises(TypeError, match=r"\(role, text\) pair"):
+        harmony.render_prompt(["hi"])
+
+
+def test_parse_reply(tok):
+    out = tok.encode("<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>final"
+                     "<|message|>2 + 2 = 4.<|return|>", allowed_special="all")
+    r = harmony.parse_reply(out)
+    assert (r.final, r.analysis, r.complete, r.parsed) == ("2 + 2 = 4.", "Add them.", True, True)
+    assert [m.channel for m in r.messages] == ["analysis", "final"]
+    cut = harmony.parse_reply(out[:-3])  # max_new_tokens reached inside the final message
+    assert not cut.complete
+    junk = harmony.parse_reply([tok.message, tok.message, 1000])  # not Harmony: plain text, no error
+    assert isinstance(junk.final, str) and not junk.complete
+
+
+def test_chat_runs_the_model_on_the_rendered_prompt(model, tok):
+    chat = harmony.Chat(model, reasoning_effort="low", max_new_tokens=6)
+    reply = chat.send("What is 2 + 2?")
+    prompt = harmony.render_prompt([("user", "What is 2 + 2?")], "low")
+    # the greedy continuation recomputed with full forwards (no KV cache) over prompt + tokens so far
+    seq = list(prompt)
+    for t in reply.tokens:
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0, -1]
+        assert int(logits.argmax()) == t
+        seq.append(t)
+    assert len(reply.tokens) == 6 or reply.tokens[-1] in tok.assistant_stop_tokens
+    assert not reply.complete or reply.tokens[-1] in tok.assistant_stop_tokens
+    # the reply's final text joins the history; the next turn's prompt carries it
+    second = harmony.render_prompt(chat.history + [harmony.message("user", "And 3 + 3?")])
+    text = tok.decode(second)
+    assert text.count("<|start|>user<|message|>") == 2 and "<|start|>assistant<|channel|>final<|message|>" in text
+    chat.send("And 3 + 3?")
+    assert len(chat.history) == 5  # system, user, assistant, user, assistant
+
+
+def test_chat_rejects_small_vocab_and_long_conversations(model):
+    with pytest.raises(ValueError, match="vocab_size 1000"):
+        harmony.Chat(Transformer.from_config(ModelConfig.preset("tiny-test"), seed=0, dtype=torch.float32))
+    chat = harmony.Chat(model, max_new_tokens=200)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        chat.send("hello")
+
+
+def test_cli_generate_and_chat(model, tok, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    model.save_checkpoint(str(ckpt))
+    common = [str(ckpt), "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "3", "-q"]
+    assert main(["generate", *common, "--prompt", "The capital of France is"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is")
+    ids = tok.encode("The capital of France is")
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids]))[0, -1].argmax())
+    if first != tok.endoftext:
+        assert out.rstrip("\n").startswith("The capital of France is" + tok.decode([first]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 2?\n\nHi\n"))  # the blank line is skipped
+    assert main(["chat", *common, "--reasoning", "low"]) == 0
+    same = harmony.Chat(model, reasoning_effort="low", max_new_tokens=3)
+    expect = ""
+    for line in ("What is 2 + 2?", "Hi"):
+        r = same.send(line)
+        expect += (r.final if r.complete else r.final + " [max-new-tokens reached]") + "\n"
+    assert capsys.readouterr().out == expect
+    assert main(["generate", *common, "--prompt", ""]) == 1
+    assert "--prompt is empty" in capsys.readouterr().err
