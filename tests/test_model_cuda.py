@@ -87,8 +87,9 @@ def test_generate_cuda_graph_equals_eager():
     cfg = ModelConfig.preset("tiny-test")
     model = Transformer.from_config(cfg, seed=13, dtype=torch.float32, device="cuda")
     prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (9, 4, 1)]
-    eager = generate(model, prompts, 12)
+    eager = generate(model, prompts, 12, cuda_graph=False)
     assert generate(model, prompts, 12, cuda_graph=True) == eager
+    assert generate(model, prompts, 12) == eager  # the default takes the graph on CUDA
 
 
 def test_compiled_decode_step_on_cuda_compiles_once():

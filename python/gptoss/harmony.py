@@ -122,7 +122,7 @@ class Chat:
 
     def __init__(self, model, *, reasoning_effort: Effort = "medium", developer: Optional[str] = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, seed: Optional[int] = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: Optional[bool] = None):
         check_vocab(model.cfg.vocab_size)
         self.model = model
         self.max_new_tokens = max_new_tokens
