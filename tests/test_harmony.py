@@ -69,9 +69,27 @@ def test_parse_reply(tok):
     assert isinstance(junk.final, str) and not junk.complete
 
 
+def test_reply_stream(tok):
+    out = tok.encode("<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>final"
+                     "<|message|>2 + 2 = 4.<|return|>", allowed_special="all")
+    got = []
+    stream = harmony.ReplyStream(lambda channel, text: got.append((channel, text)))
+    for t in out:
+        stream(t)
+    assert "".join(t for c, t in got if c == "analysis") == "Add them."
+    assert "".join(t for c, t in got if c == "final") == "2 + 2 = 4."
+    assert len([t for c, t in got if c == "final"]) > 1  # in pieces, as generated
+    bad = harmony.ReplyStream(lambda channel, text: got.append((channel, text)))
+    for t in [tok.end, tok.end, tok.start, 1000]:  # not the format: no error, nothing reported
+        bad(t)
+
+
 def test_chat_runs_the_model_on_the_rendered_prompt(model, tok):
     chat = harmony.Chat(model, reasoning_effort="low", max_new_tokens=6)
-    reply = chat.send("What is 2 + 2?")
+    deltas = []
+    reply = chat.send("What is 2 + 2?", on_delta=lambda channel, text: deltas.append((channel, text)))
+    if reply.parsed and any(c == "final" for c, _ in deltas):
+        assert "".join(t for c, t in deltas if c == "final") == reply.final
     prompt = harmony.render_prompt([("user", "What is 2 + 2?")], "low")
     # the greedy continuation recomputed with full forwards (no KV cache) over prompt + tokens so far
     seq = list(prompt)
@@ -115,8 +133,9 @@ def test_cli_generate_and_chat(model, tok, tmp_path, capsys, monkeypatch):
     same = harmony.Chat(model, reasoning_effort="low", max_new_tokens=3)
     expect = ""
     for line in ("What is 2 + 2?", "Hi"):
-        r = same.send(line)
-        expect += (r.final if r.complete else r.final + " [max-new-tokens reached]") + "\n"
+        final = []
+        r = same.send(line, on_delta=lambda channel, text: final.append(text) if channel == "final" else None)
+        expect += ("".join(final) if final else r.final) + ("" if r.complete else " [max-new-tokens reached]") + "\n"
     assert capsys.readouterr().out == expect
     assert main(["generate", *common, "--prompt", ""]) == 1
     assert "--prompt is empty" in capsys.readouterr().err

@@ -152,6 +152,21 @@ def test_generate_compiled_equals_eager():
     assert generate(model, prompts, 6, compile={"backend": "aot_eager"}) == eager
 
 
+def test_generate_streams_tokens_and_stops_per_sequence():
+    from gptoss.generate import generate
+    model = Transformer.from_config(TINY, seed=16, dtype=torch.float32)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (5, 2, 9)]
+    free = generate(model, prompts, 6)
+    stop = free[1][2]  # sequence 1 stops on its third token; the others on it too if they emit it
+    seen = []
+    out = generate(model, prompts, 6, stop_tokens=[stop], on_token=lambda i, t: seen.append((i, t)))
+    for i, (o, f) in enumerate(zip(out, free)):
+        n = f.index(stop) + 1 if stop in f else len(f)
+        assert o == f[:n]
+        assert [t for j, t in seen if j == i] == o  # every token streamed once, in order
+    assert len(out[1]) <= 3
+
+
 def test_last_only_logits_equal_the_full_logits_at_the_last_tokens():
     model = Transformer.from_config(TINY, seed=14, dtype=torch.float32)
     lens = [11, 4]

@@ -67,10 +67,21 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             continue
-        reply = chat.send(line.rstrip("\n"))
-        if args.show_analysis and reply.analysis:
-            print(f"[analysis] {reply.analysis}")
-        print(reply.final if reply.complete else reply.final + " [max-new-tokens reached]", flush=True)
+        shown = {"channel": None, "final": False}
+
+        def show(channel: Optional[str], text: str) -> None:  # the reply, streamed as it is generated
+            if channel == "final" or (args.show_analysis and channel == "analysis"):
+                if channel != shown["channel"]:
+                    print("" if shown["channel"] is None else "\n", end="")
+                    print("[analysis] " if channel == "analysis" else "", end="")
+                    shown["channel"] = channel
+                shown["final"] |= channel == "final"
+                print(text, end="", flush=True)
+
+        reply = chat.send(line.rstrip("\n"), on_delta=show)
+        if not shown["final"]:  # no final-channel text streamed (none, or not in the Harmony format)
+            print(("\n" if shown["channel"] else "") + reply.final, end="")
+        print("" if reply.complete else " [max-new-tokens reached]", flush=True)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

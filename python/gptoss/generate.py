@@ -1,7 +1,7 @@
 """Text generation over the KV cache: a batch of prompts of different lengths is prefilled in one
 call, then decoded one token per step (each step costs one token's work per sequence)."""
 import functools
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
@@ -16,12 +16,14 @@ GRAPH_MIN_TOKENS = 16  # cuda_graph=None: the graph for this many new tokens or 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
              max_len: Optional[int] = None, compile: Union[bool, Dict[str, Any]] = False,
-             cuda_graph: Optional[bool] = None) -> List[List[int]]:
+             cuda_graph: Optional[bool] = None,
+             on_token: Optional[Callable[[int, int], None]] = None) -> List[List[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) with
     a generator seeded by `seed`. A sequence stops after emitting a token in `stop_tokens` (the
-    stop token is included). Returns the new tokens of each prompt.
+    stop token is included). Returns the new tokens of each prompt. on_token(i, token), if given,
+    is called for each new token of prompt i as soon as it is known (streaming).
 
     The decode steps run eagerly, compiled (compile=True, or a dict of torch.compile arguments:
     Transformer.compile_decode) or replayed from a CUDA graph (cuda_graph=True, CUDA models:
@@ -68,6 +70,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             if not done[i]:
                 out[i].append(t)
                 done[i] = t in stop
+                if on_token is not None:
+                    on_token(i, t)
         if all(done):
             break
         last = step(nxt[:, None])[:, 0]

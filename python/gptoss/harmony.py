@@ -14,7 +14,7 @@ vocabulary folder, so nothing is downloaded.
 import dataclasses
 import functools
 import os
-from typing import List, Literal, Optional, Sequence
+from typing import Callable, List, Literal, Optional, Sequence
 
 from .tokenizer import check_vocab, o200k_harmony, vocab_dir
 
@@ -115,6 +115,30 @@ def parse_reply(tokens: Sequence[int]) -> Reply:
     return Reply(final=final, analysis=text("analysis"), messages=msgs, tokens=toks, complete=complete, parsed=True)
 
 
+class ReplyStream:
+    """Feeds an assistant turn's tokens, one at a time, to openai-harmony's StreamableParser and
+    calls on_delta(channel, text) with each piece of message text as it is decoded. A stream that
+    stops following the format (an untrained model) is no longer reported; parse_reply still
+    decodes the whole turn."""
+
+    def __init__(self, on_delta: Callable[[Optional[str], str], None]):
+        from openai_harmony import Role, StreamableParser
+        self.on_delta = on_delta
+        self.parser = StreamableParser(encoding(), Role.ASSISTANT)
+
+    def __call__(self, token: int) -> None:
+        if self.parser is None:
+            return
+        try:
+            self.parser.process(int(token))
+        except Exception:  # malformed stream: stop reporting (HarmonyError and others)
+            self.parser = None
+            return
+        delta = self.parser.last_content_delta
+        if delta:
+            self.on_delta(self.parser.current_channel, delta)
+
+
 class Chat:
     """A multi-turn chat with a gpt-oss model: each send() renders the history in Harmony, generates
     the assistant's turn over the KV cache until <|return|> or <|call|>, and keeps the reply's final
@@ -133,7 +157,9 @@ class Chat:
         if developer:
             self.history.append(message("developer", developer))
 
-    def send(self, text: str) -> Reply:
+    def send(self, text: str, on_delta: Optional[Callable[[Optional[str], str], None]] = None) -> Reply:
+        """One user turn -> the assistant's reply. on_delta(channel, text), if given, receives the
+        reply's message text while it is generated (channel "analysis", "final", ...)."""
         from .generate import generate
         self.history.append(message("user", text))
         prompt = render_prompt(self.history)
@@ -144,10 +170,15 @@ class Chat:
                              f"({self.max_new_tokens}) exceeds the model's context ({int(limit)})")
         out = generate(self.model, [prompt], self.max_new_tokens, temperature=self.temperature,
                        stop_tokens=encoding().stop_tokens_for_assistant_actions(), seed=self.seed,
-                       cuda_graph=self.cuda_graph)[0]
+                       cuda_graph=self.cuda_graph,
+                       on_token=None if on_delta is None else _per_sequence(ReplyStream(on_delta)))[0]
         reply = parse_reply(out)
         self.history.append(message("assistant", reply.final, channel="final"))
         return reply
 
 
-__all__ = ["Chat", "Reply", "encoding", "message", "parse_reply", "render_prompt", "system_message"]
+def _per_sequence(feed: Callable[[int], None]) -> Callable[[int, int], None]:
+    return lambda i, token: feed(token)
+
+
+__all__ = ["Chat", "ReplyStream", "Reply", "encoding", "message", "parse_reply", "render_prompt", "system_message"]
