@@ -31,6 +31,7 @@ import time
 import torch
 
 from common import commit, copy_bandwidth, machine, print_table
+from gptoss.analysis import decode_bytes_per_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,31 +49,6 @@ def peak_rss() -> int:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
-
-
-def decode_bytes_per_token(cfg, context: int, experts: str = "mxfp4", float_bytes: int = 2) -> int:
-    """Bytes one decode token reads at batch 1 after `context` cached tokens: per layer the
-    attention weights (qkv, out, biases, sinks, norm), the router, the k selected experts' weights
-    and biases (MXFP4 blocks + scales, or dense), the visible part of the KV cache (the window on
-    sliding layers); then the final norm, the unembedding and one embedding row. Activations and
-    the new k/v rows are ignored (tiny)."""
-    d, e, k, inter = cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size
-    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    fb = float_bytes
-    qkv_out = hd * (hq + 2 * hkv)
-    attn = (d * qkv_out + qkv_out + hq * hd * d + d) * fb + hq * 4 + d * 4
-    router = (e * d + e) * fb + d * 4
-    if experts == "mxfp4":
-        w = (2 * inter * d + d * inter) // 2 + (2 * inter * d + d * inter) // 32
-    else:
-        w = (2 * inter * d + d * inter) * fb
-    expert = k * (w + (2 * inter + d) * fb)
-    total = 0
-    for n in range(cfg.num_hidden_layers):
-        window = cfg.window(n)
-        keys = min(context + 1, window) if window > 0 else context + 1
-        total += attn + router + expert + 2 * keys * hkv * hd * fb
-    return total + d * 4 + cfg.vocab_size * d * fb + d * fb
 
 
 def run_worker(args_list, timeout=3600):

@@ -3,6 +3,7 @@
     gptoss convert SRC DST --layout hf|openai [--dequantize]
     gptoss generate CKPT --prompt TEXT      raw text continuation (o200k_harmony, no chat format)
     gptoss chat CKPT [--reasoning low]      a Harmony chat on the terminal (one turn per input line)
+    gptoss report [NAME ...] [--context N]  parameters, FLOPs and memory of configurations, as tables
 """
 import argparse
 import sys
@@ -84,6 +85,15 @@ def _chat(args: argparse.Namespace) -> int:
         print("" if reply.complete else " [max-new-tokens reached]", flush=True)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import named_config, report
+
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
+    print(report({name: named_config(name) for name in args.names}, args.context), end="")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -126,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--developer", help="developer instructions (the developer message)")
     chat.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
     chat.set_defaults(func=_chat)
+    rep = sub.add_parser("report", help="parameters, FLOPs and memory of gpt-oss and GPT-2 configurations",
+                         description="Markdown tables computed from the configurations (gptoss.analysis): "
+                                     "parameters by component, active parameters, forward FLOPs per token, "
+                                     "weight, KV-cache and decode bytes.")
+    rep.add_argument("names", nargs="*", default=["gpt2-xl", "gpt-oss-20b", "gpt-oss-120b"],
+                     help="gpt-oss presets or GPT-2 sizes (default: gpt2-xl gpt-oss-20b gpt-oss-120b)")
+    rep.add_argument("--context", type=int, default=4096, help="tokens in context for the per-token figures")
+    rep.set_defaults(func=_report)
     return parser
 
 
