@@ -129,3 +129,35 @@ def test_report_and_cli(capsys):
     assert "unknown configuration 'gpt-5'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_embd .* multiple of n_head"):
         GPT2Config(n_embd=100, n_head=3)
+
+
+def test_study_reports_routing_and_sinks():
+    model = Transformer.from_config(TINY, seed=31, dtype=torch.float32)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 21))
+    st = analysis.study(model, tokens)
+    with torch.no_grad():
+        assert torch.equal(st["logits"], model(tokens))  # observing changes nothing
+    assert all(b.attn.observer is None and b.mlp.observer is None for b in model.block)
+    L, E, k = TINY.num_hidden_layers, TINY.num_experts, TINY.experts_per_token
+    assert st["expert_counts"].shape == (L, E) and (st["expert_counts"].sum(1) == 2 * 21 * k).all()
+    assert st["sink_mass"].shape == (L, TINY.num_attention_heads)
+    assert ((st["sink_mass"] > 0) & (st["sink_mass"] < 1)).all()
+    with torch.no_grad():  # a huge sink takes all attention, a tiny one none; a huge router bias wins every token
+        model.block[0].attn.sinks.fill_(40.0)
+        model.block[2].attn.sinks.fill_(-40.0)
+        model.block[1].mlp.gate.bias[3] = 1e4
+    st = analysis.study(model, tokens)
+    assert st["sink_mass"][0].min() > 0.999 and st["sink_mass"][2].max() < 1e-6
+    assert st["expert_counts"][1, 3] == 2 * 21
+    text = analysis.study_report(st, TINY.layer_types)
+    assert "| 0 | sliding | 1.000 |" in text and "| 1 | full |" in text
+
+
+def test_cli_study(tmp_path, capsys):
+    pytest.importorskip("bpe_openai")
+    cfg = ModelConfig.preset("tiny-test", vocab_size=201088)
+    ckpt = tmp_path / "ckpt"
+    Transformer.from_config(cfg, seed=5, dtype=torch.bfloat16).save_checkpoint(str(ckpt))
+    assert main(["study", str(ckpt), "--prompt", "The quick brown fox", "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 tokens;") and out.count("\n| ") == 1 + cfg.num_hidden_layers  # header + layers

@@ -9,7 +9,7 @@ embedding lookup, biases, norms or the softmax). Attention FLOPs are 4 x heads x
 visible key and layer (q k^T and p v): a token at position p sees min(p + 1, window) keys on a
 sliding layer and p + 1 on a full one.
 """
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 from .checkpoint import checkpoint_nbytes, expected_shapes
 from .config import ModelConfig
@@ -232,6 +232,61 @@ def report(configs: Dict[str, Config], context: int = 4096) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------ a model at work
+
+def study(model, tokens) -> Dict[str, "torch.Tensor"]:
+    """Run `model` (a gptoss.Transformer) over `tokens` [B, T] and report, per layer, how it routes
+    and how much attention its sinks take:
+
+    expert_counts [L, E] int64: tokens sent to each expert (each token picks experts_per_token);
+    sink_mass [L, Hq] float32: the attention probability each query head gives its sink, averaged
+        over the tokens (exp(sink - lse), lse including the sink: spec §2.2);
+    logits [B, T, vocab]: the forward's output.
+    The routing is recomputed from each MoE block's own router input with its router and
+    ops.moe_route, as the block routes (top-k, ties to the lower index)."""
+    import torch
+    from gptoss_ext import ops
+    cfg = model.cfg
+    L, E = cfg.num_hidden_layers, cfg.num_experts
+    counts = torch.zeros(L, E, dtype=torch.int64)
+    sink_sum = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
+
+    def attn_observer(n, blk):
+        def observe(lse):
+            p = torch.exp(blk.sinks.detach().double()[None, :, None] - lse.detach().double())  # [B, Hq, T]
+            sink_sum[n] += p.sum(dim=(0, 2)).cpu()
+        return observe
+
+    def mlp_observer(n, blk):
+        def observe(t):
+            _, experts = ops.moe_route(blk.gate(t), cfg.experts_per_token)
+            counts[n] += torch.bincount(experts.reshape(-1).long().cpu(), minlength=E)
+        return observe
+
+    blocks = list(model.block)
+    try:
+        for n, b in enumerate(blocks):
+            b.attn.observer, b.mlp.observer = attn_observer(n, b.attn), mlp_observer(n, b.mlp)
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        for b in blocks:
+            b.attn.observer = b.mlp.observer = None
+    return {"expert_counts": counts, "sink_mass": (sink_sum / tokens.numel()).float(), "logits": logits}
+
+
+def study_report(stats: Dict[str, "torch.Tensor"], layer_types: Sequence[str]) -> str:
+    """A markdown table of study()'s figures per layer."""
+    counts, sink = stats["expert_counts"], stats["sink_mass"]
+    lines = ["| layer | attention | sink mass mean | sink mass max head | experts used | busiest expert share "
+             "| load max / mean |", "|---|---|---|---|---|---|---|"]
+    for n in range(counts.shape[0]):
+        c = counts[n].double()
+        lines.append(f"| {n} | {layer_types[n].replace('_attention', '')} | {sink[n].mean():.3f} | {sink[n].max():.3f} "
+                     f"| {int((c > 0).sum())} / {c.numel()} | {c.max() / c.sum():.3f} | {c.max() / c.mean():.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def named_config(name: str) -> Config:
     """A gpt-oss preset (gptoss.PRESETS) or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
     from .config import PRESETS
@@ -243,6 +298,6 @@ def named_config(name: str) -> Config:
     raise ValueError(f"unknown configuration {name!r}; known: {sorted(PRESETS) + sorted(GPT2_PRESETS)}")
 
 
-__all__ = ["active_parameters", "attention_flops", "decode_bytes_per_token", "flops_per_token", "forward_flops",
+__all__ = ["study", "study_report", "active_parameters", "attention_flops", "decode_bytes_per_token", "flops_per_token", "forward_flops",
            "kv_cache_bytes", "matrix_params_per_token", "named_config", "parameter_breakdown", "parameter_shapes",
            "report", "weight_bytes"]

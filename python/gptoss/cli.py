@@ -4,6 +4,7 @@
     gptoss generate CKPT --prompt TEXT      raw text continuation (o200k_harmony, no chat format)
     gptoss chat CKPT [--reasoning low]      a Harmony chat on the terminal (one turn per input line)
     gptoss report [NAME ...] [--context N]  parameters, FLOPs and memory of configurations, as tables
+    gptoss study CKPT --prompt TEXT         expert usage and attention-sink mass per layer on a text
 """
 import argparse
 import sys
@@ -94,6 +95,24 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analysis import study, study_report
+    from .tokenizer import Tokenizer, check_vocab
+
+    ids = Tokenizer().encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty")
+    model = _load_model(args)
+    check_vocab(model.cfg.vocab_size)
+    stats = study(model, torch.tensor([ids], device=model.device))
+    print(f"{len(ids)} tokens; per layer: the mean attention probability of the sinks (over heads and tokens, "
+          f"and of the most sink-bound head), and how the router spread the tokens over the experts\n")
+    print(study_report(stats, model.cfg.layer_types), end="")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -144,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gpt-oss presets or GPT-2 sizes (default: gpt2-xl gpt-oss-20b gpt-oss-120b)")
     rep.add_argument("--context", type=int, default=4096, help="tokens in context for the per-token figures")
     rep.set_defaults(func=_report)
+    st = sub.add_parser("study", help="expert usage and attention-sink mass per layer of a checkpoint on a text",
+                        description="Run the model over the prompt and print, per layer, the attention probability "
+                                    "its sinks take and how its router spreads the tokens over the experts.")
+    _model_args(st)
+    st.add_argument("--prompt", required=True)
+    st.set_defaults(func=_study)
     return parser
 
 

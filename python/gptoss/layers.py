@@ -6,7 +6,7 @@ GEMV for decode-shaped calls, the device's BLAS otherwise); RMSNorm, RoPE, atten
 run on the extension's kernels.
 """
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,7 @@ class AttentionBlock(nn.Module):
         self.qkv = Linear(cfg.hidden_size, hd * (hq + 2 * hkv), bias=True, dtype=dtype, device=device)
         self.sinks = nn.Parameter(torch.empty(hq, dtype=torch.float32, device=device))
         self.out = Linear(hd * hq, cfg.hidden_size, bias=True, dtype=dtype, device=device)
+        self.observer: Optional[Callable[[Tensor], None]] = None  # see forward
 
     def forward(self, x: Tensor, delta: Optional[Tensor], cos: Tensor, sin: Tensor,
                 cache: Optional[gptoss_ext.KVCache] = None) -> Tuple[Tensor, Tensor]:
@@ -75,10 +76,12 @@ class AttentionBlock(nn.Module):
         q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[..., (hq + hkv) * hd:].reshape(b, t, hkv, hd)
         if cache is None:
-            o, _ = ops.attention(q, k, v, self.sinks, sm_scale=self.sm_scale, window=self.window)
+            o, lse = ops.attention(q, k, v, self.sinks, sm_scale=self.sm_scale, window=self.window)
         else:
             cache.write(k, v.contiguous())
-            o, _ = cache.attend(q, self.sinks, sm_scale=self.sm_scale)
+            o, lse = cache.attend(q, self.sinks, sm_scale=self.sm_scale)
+        if self.observer is not None:  # gptoss.analysis.study: lse [B, Hq, T], sink included
+            self.observer(lse)
         return x, self.out(o.reshape(b, t, hq * hd))
 
 
@@ -116,6 +119,7 @@ class MLPBlock(nn.Module):
             self.mlp2_weight = nn.Parameter(torch.empty(e, d, i, dtype=dtype, device=device))
         self.mlp1_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=dtype, device=device))
         self.mlp2_bias = nn.Parameter(torch.empty(e, d, dtype=dtype, device=device))
+        self.observer: Optional[Callable[[Tensor], None]] = None  # see forward
 
     @property
     def mxfp4(self) -> bool:
@@ -127,6 +131,8 @@ class MLPBlock(nn.Module):
         t = normed.reshape(-1, shape[-1])
         w1 = self.mlp1_weight.pair() if self.mxfp4 else self.mlp1_weight
         w2 = self.mlp2_weight.pair() if self.mxfp4 else self.mlp2_weight
+        if self.observer is not None:  # gptoss.analysis.study: the router's input [B*T, d]
+            self.observer(t)
         y = ops.moe_mlp(t, self.gate.weight, self.gate.bias, w1, self.mlp1_bias, w2, self.mlp2_bias,
                         k=self.cfg.experts_per_token, alpha=self.cfg.swiglu_alpha, limit=self.cfg.swiglu_limit)
         return x, y.reshape(shape)
