@@ -161,3 +161,57 @@ def test_cli_study(tmp_path, capsys):
     assert main(["study", str(ckpt), "--prompt", "The quick brown fox", "--device", "cpu", "-q"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("4 tokens;") and out.count("\n| ") == 1 + cfg.num_hidden_layers  # header + layers
+
+
+# ------------------------------------------------------------------------------ figures (gptoss.viz)
+
+def test_visibility_is_read_off_the_attention_oracle():
+    viz = pytest.importorskip("gptoss.viz")
+    for w in (0, 5):
+        p = viz.visibility(w, 12)
+        for i in range(12):
+            n = min(i + 1, w) if w else i + 1
+            seen = (p[i] > 0).nonzero().flatten().tolist()
+            assert seen == list(range(i + 1 - n, i + 1))
+            # equal logits: each visible key and the sink (logit 0) share the row equally
+            torch.testing.assert_close(p[i, seen], torch.full((n,), 1.0 / (n + 1), dtype=torch.float64))
+
+
+def test_figures_show_the_analysis_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gptoss import viz
+    configs = viz.default_configs()
+    fig = viz.parameter_breakdown(configs)
+    heights = {}
+    for bar in fig.axes[0].patches:  # stacked bars: the components of each configuration add up
+        x = round(bar.get_x() + bar.get_width() / 2)
+        heights[x] = heights.get(x, 0.0) + bar.get_height()
+    for i, cfg in enumerate(configs.values()):
+        assert heights[i] == pytest.approx(sum(analysis.parameter_breakdown(cfg).values()) / 1e9, rel=1e-9)
+    fig = viz.per_token_costs(configs, max_context=1024)
+    line = fig.axes[1].get_lines()[1]  # gpt-oss-20b's KV cache
+    assert list(line.get_xdata()) == [16, 32, 64, 128, 256, 512, 1024]
+    assert list(line.get_ydata()) == [analysis.kv_cache_bytes(configs["gpt-oss-20b"], c) / 2 ** 30
+                                      for c in line.get_xdata()]
+    model = Transformer.from_config(TINY, seed=2, dtype=torch.float32)
+    paths = viz.save_figures(str(tmp_path), model, torch.randint(0, TINY.vocab_size, (1, 30)))
+    assert sorted(p.split("/")[-1] for p in paths) == ["attention_patterns.png", "parameters.png",
+                                                      "per_token_costs.png", "study.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert main(["figures", str(tmp_path / "f")]) == 0
+    assert main(["figures", str(tmp_path / "g"), "--checkpoint", "x"]) == 1
+
+
+def test_architecture_doc_is_current():
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("architecture_doc", os.path.join(root, "scripts",
+                                                                                   "architecture_doc.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with open(os.path.join(root, "docs", "architecture.md")) as f:
+        assert f.read() == mod.render(), "docs/architecture.md is stale: run python scripts/architecture_doc.py"
+    for name in ("attention_patterns", "parameters", "per_token_costs"):
+        assert os.path.exists(os.path.join(root, "docs", "figures", name + ".png"))

@@ -195,23 +195,27 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
-def report(configs: Dict[str, Config], context: int = 4096) -> str:
-    """Markdown tables comparing the named configurations: parameters by component, active
-    parameters and FLOPs per token, weights, KV cache and decode bytes at `context` tokens."""
+def report(configs: Dict[str, Config], context: int = 4096, parameters: bool = True) -> str:
+    """Markdown tables comparing the named configurations: parameters by component (unless
+    parameters=False), active parameters and FLOPs per token, weights, KV cache and decode bytes at
+    `context` tokens."""
     names = list(configs)
     comps: List[str] = []
     for cfg in configs.values():
         for c in parameter_breakdown(cfg):
             if c not in comps:
                 comps.append(c)
-    lines = ["### Parameters", "", "| component | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for c in comps:
-        lines.append(f"| {c} | " + " | ".join(f"{parameter_breakdown(cfg).get(c, 0):,}" for cfg in configs.values())
+    lines = [] if not parameters else ["### Parameters", "", "| component | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    if parameters:
+        for c in comps:
+            lines.append(f"| {c} | " + " | ".join(f"{parameter_breakdown(cfg).get(c, 0):,}"
+                                                 for cfg in configs.values()) + " |")
+        lines.append("| **total** | " + " | ".join(f"**{sum(parameter_breakdown(c).values()):,}**"
+                                                for c in configs.values()) + " |")
+        lines.append("| active per token | " + " | ".join(f"{active_parameters(c):,}" for c in configs.values())
                      + " |")
-    lines.append("| **total** | " + " | ".join(f"**{sum(parameter_breakdown(c).values()):,}**"
-                                            for c in configs.values()) + " |")
-    lines.append("| active per token | " + " | ".join(f"{active_parameters(c):,}" for c in configs.values()) + " |")
-    lines += ["", f"### Per token at context {context}", "", "| quantity | " + " | ".join(names) + " |",
+        lines.append("")
+    lines += [f"### Per token at context {context}", "", "| quantity | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
     rows = [
         ("forward FLOPs, token at position context - 1", lambda c: _fmt(flops_per_token(c, context - 1))),

@@ -5,6 +5,7 @@
     gptoss chat CKPT [--reasoning low]      a Harmony chat on the terminal (one turn per input line)
     gptoss report [NAME ...] [--context N]  parameters, FLOPs and memory of configurations, as tables
     gptoss study CKPT --prompt TEXT         expert usage and attention-sink mass per layer on a text
+    gptoss figures DIR [--checkpoint CKPT --prompt TEXT]   the figures of gptoss.viz as PNG files
 """
 import argparse
 import sys
@@ -113,6 +114,24 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace) -> int:
+    import torch
+
+    from .viz import save_figures
+
+    model = tokens = None
+    if args.checkpoint:
+        from .tokenizer import Tokenizer, check_vocab
+        if not args.prompt:
+            raise ValueError("--checkpoint needs --prompt (the text the model is studied on)")
+        model = _load_model(args)
+        check_vocab(model.cfg.vocab_size)
+        tokens = torch.tensor([Tokenizer().encode(args.prompt)], device=model.device)
+    for path in save_figures(args.out_dir, model, tokens, title=args.checkpoint or ""):
+        print(path)
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -169,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(st)
     st.add_argument("--prompt", required=True)
     st.set_defaults(func=_study)
+    fg = sub.add_parser("figures", help="write the figures (attention patterns, parameters, per-token costs; "
+                                         "a checkpoint's expert usage and sink mass) as PNG files",
+                        description="Figures computed from the code (gptoss.viz).")
+    fg.add_argument("out_dir")
+    fg.add_argument("--checkpoint", help="also study this checkpoint on --prompt")
+    fg.add_argument("--prompt")
+    fg.add_argument("--device")
+    fg.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    fg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    fg.set_defaults(func=_figures)
     return parser
 
 
