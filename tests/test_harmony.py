@@ -139,3 +139,60 @@ def test_cli_generate_and_chat(model, tok, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == expect
     assert main(["generate", *common, "--prompt", ""]) == 1
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+WEATHER = harmony.Tool("get_weather", "Current weather in a city.",
+                       {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+
+
+def test_tools_render_and_tool_calls_parse(tok):
+    text = tok.decode(harmony.render_prompt([harmony.developer_message("Be brief.", [WEATHER]),
+                                             ("user", "Weather in Paris?")]))
+    assert "Calls to these tools must go to the commentary channel: 'functions'." in text
+    assert "# Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\nnamespace functions {" in text
+    assert "// Current weather in a city.\ntype get_weather = (_: {\ncity: string,\n}) => any;" in text
+    call = tok.encode('<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather'
+                      '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>', allowed_special="all")
+    r = harmony.parse_reply(call)
+    assert r.tool_call == harmony.ToolCall("get_weather", '{"city": "Paris"}') and r.complete and r.final == ""
+    assert harmony.parse_reply(call[:-1]).tool_call is None  # cut off before <|call|>: no call
+    # spec §5.2: the result comes back as the tool's message to the assistant on commentary
+    assert tok.decode(harmony.encoding().render(harmony.tool_message("get_weather", '{"temp": 20}'))) == (
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>')
+    with pytest.raises(ValueError, match="identifier"):
+        harmony.Tool("get weather", "x")
+
+
+def test_chat_tool_call_round_trip(model, tok, monkeypatch):
+    """The chat's bookkeeping around a function call, with the model's turns scripted: the call
+    stays in the history, the result follows it, the next prompt carries both, and the final
+    answer ends the exchange."""
+    turns = [
+        '<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather'
+        '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+        '<|channel|>final<|message|>It is 20 degrees in Paris.<|return|>',
+        '<|channel|>final<|message|>You are welcome.<|return|>']
+    prompts = []
+
+    def scripted(model, prompts_, max_new_tokens, **kw):
+        prompts.append(prompts_[0])
+        return [tok.encode(turns[len(prompts) - 1], allowed_special="all")]
+
+    monkeypatch.setattr("gptoss.generate.generate", scripted)
+    chat = harmony.Chat(model, tools=[WEATHER], max_new_tokens=64)
+    r1 = chat.send("Weather in Paris?")
+    assert r1.tool_call == harmony.ToolCall("get_weather", '{"city": "Paris"}')
+    with pytest.raises(ValueError, match="not functions.get_time"):
+        chat.send_tool_result("get_time", "{}")
+    r2 = chat.send_tool_result("get_weather", '{"temp": 20}')
+    assert r2.final == "It is 20 degrees in Paris." and r2.tool_call is None
+    second = tok.decode(prompts[1])
+    assert second.endswith('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json'
+                           '<|message|>{"city": "Paris"}<|call|><|start|>functions.get_weather to=assistant'
+                           '<|channel|>commentary<|message|>{"temp": 20}<|end|><|start|>assistant')
+    assert "Need the weather." in second  # the analysis stays until a final answer
+    chat.send("Thanks")
+    third = tok.decode(prompts[2])
+    assert "Need the weather." not in third and "It is 20 degrees in Paris.<|end|>" in third
+    with pytest.raises(ValueError, match="was not a function call"):
+        chat.send_tool_result("get_weather", "{}")

@@ -60,6 +60,41 @@ def message(role: str, text: str, channel: Optional[str] = None):
     return msg.with_channel(channel) if channel else msg
 
 
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A function the assistant may call: its name, what it does, and its parameters as a JSON
+    schema (rendered into the developer message as Harmony's TypeScript-like `functions` namespace)."""
+    name: str
+    description: str
+    parameters: Optional[dict] = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Tool.name must be an identifier, got {self.name!r}")
+
+
+def developer_message(instructions: Optional[str] = None, tools: Sequence[Tool] = ()):
+    """The developer message: instructions and function tools."""
+    from openai_harmony import DeveloperContent, Message, Role, ToolDescription
+    content = DeveloperContent.new()
+    if instructions:
+        content = content.with_instructions(instructions)
+    if tools:
+        content = content.with_function_tools([ToolDescription.new(t.name, t.description, parameters=t.parameters)
+                                               for t in tools])
+    return Message.from_role_and_content(Role.DEVELOPER, content)
+
+
+def tool_message(name: str, output: str):
+    """A function's result, addressed back to the assistant (spec §5.2: `<|start|>functions.NAME
+    to=assistant<|channel|>commentary<|message|>...<|end|>`)."""
+    from openai_harmony import Author, Message, Role
+    if not isinstance(output, str):
+        raise TypeError(f"tool output must be a str (e.g. JSON text), got {type(output).__name__}")
+    return (Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), output)
+            .with_recipient("assistant").with_channel("commentary"))
+
+
 def render_prompt(messages: Sequence, reasoning_effort: Effort = "medium") -> List[int]:
     """Token ids of a conversation followed by `<|start|>assistant`: the prompt the model completes.
 
@@ -82,6 +117,12 @@ def render_prompt(messages: Sequence, reasoning_effort: Effort = "medium") -> Li
 
 
 @dataclasses.dataclass
+class ToolCall:
+    name: str       # the function, without the `functions.` namespace
+    arguments: str  # as the model wrote them (JSON text when it follows the schema)
+
+
+@dataclasses.dataclass
 class Reply:
     """One assistant turn: the text of each channel, the parsed messages and the raw tokens."""
     final: str
@@ -90,6 +131,7 @@ class Reply:
     tokens: List[int]
     complete: bool  # ended on a stop token (<|return|> or <|call|>), not on max_new_tokens
     parsed: bool    # the tokens followed the Harmony format (else `final` is their plain decode)
+    tool_call: Optional[ToolCall] = None  # the turn ended on <|call|> to functions.NAME
 
 
 def parse_reply(tokens: Sequence[int]) -> Reply:
@@ -112,7 +154,16 @@ def parse_reply(tokens: Sequence[int]) -> Reply:
     final = text("final")
     if not final and all(m.channel is None for m in msgs):
         final = text(None)
-    return Reply(final=final, analysis=text("analysis"), messages=msgs, tokens=toks, complete=complete, parsed=True)
+    call = None
+    if complete and toks[-1] == CALL and msgs and (msgs[-1].recipient or "").startswith("functions."):
+        call = ToolCall(msgs[-1].recipient[len("functions."):],
+                        "".join(c.text for c in msgs[-1].content if hasattr(c, "text")))
+    return Reply(final=final, analysis=text("analysis"), messages=msgs, tokens=toks, complete=complete, parsed=True,
+                 tool_call=call)
+
+
+CALL = 200012  # <|call|> (spec §5.1)
+CHANNELS = ("analysis", "commentary", "final")
 
 
 class ReplyStream:
@@ -141,12 +192,14 @@ class ReplyStream:
 
 class Chat:
     """A multi-turn chat with a gpt-oss model: each send() renders the history in Harmony, generates
-    the assistant's turn over the KV cache until <|return|> or <|call|>, and keeps the reply's final
-    message in the history (its analysis is not sent back, as Harmony prescribes)."""
+    the assistant's turn over the KV cache until <|return|> or <|call|>, and keeps the reply's
+    messages in the history (Harmony's renderer drops the analysis of turns that reached a final
+    answer). With `tools`, a reply may be a function call (Reply.tool_call); answer it with
+    send_tool_result(name, output), which generates the assistant's next message."""
 
     def __init__(self, model, *, reasoning_effort: Effort = "medium", developer: Optional[str] = None,
-                 max_new_tokens: int = 512, temperature: float = 0.0, seed: Optional[int] = None,
-                 cuda_graph: Optional[bool] = None):
+                 tools: Sequence[Tool] = (), max_new_tokens: int = 512, temperature: float = 0.0,
+                 seed: Optional[int] = None, cuda_graph: Optional[bool] = None):
         check_vocab(model.cfg.vocab_size)
         self.model = model
         self.max_new_tokens = max_new_tokens
@@ -154,14 +207,28 @@ class Chat:
         self.seed = seed
         self.cuda_graph = cuda_graph
         self.history = [system_message(reasoning_effort)]
-        if developer:
-            self.history.append(message("developer", developer))
+        if developer or tools:
+            self.history.append(developer_message(developer, tools))
 
     def send(self, text: str, on_delta: Optional[Callable[[Optional[str], str], None]] = None) -> Reply:
         """One user turn -> the assistant's reply. on_delta(channel, text), if given, receives the
         reply's message text while it is generated (channel "analysis", "final", ...)."""
-        from .generate import generate
         self.history.append(message("user", text))
+        return self._respond(on_delta)
+
+    def send_tool_result(self, name: str, output: str,
+                         on_delta: Optional[Callable[[Optional[str], str], None]] = None) -> Reply:
+        """The result of the function the last reply called -> the assistant's next reply."""
+        last = self.history[-1]
+        if not (last.recipient or "").startswith("functions."):
+            raise ValueError("send_tool_result: the last reply was not a function call")
+        if last.recipient != f"functions.{name}":
+            raise ValueError(f"send_tool_result: the last reply called {last.recipient}, not functions.{name}")
+        self.history.append(tool_message(name, output))
+        return self._respond(on_delta)
+
+    def _respond(self, on_delta) -> Reply:
+        from .generate import generate
         prompt = render_prompt(self.history)
         cfg = self.model.cfg
         limit = cfg.initial_context_length * max(1.0, cfg.rope_scaling_factor)
@@ -173,7 +240,10 @@ class Chat:
                        cuda_graph=self.cuda_graph,
                        on_token=None if on_delta is None else _per_sequence(ReplyStream(on_delta)))[0]
         reply = parse_reply(out)
-        self.history.append(message("assistant", reply.final, channel="final"))
+        if reply.parsed and reply.complete and reply.messages and all(m.channel in CHANNELS for m in reply.messages):
+            self.history.extend(reply.messages)  # a well-formed turn, kept as the model wrote it
+        else:  # cut off or not in the format: its text, as a final answer
+            self.history.append(message("assistant", reply.final, channel="final"))
         return reply
 
 
@@ -181,4 +251,5 @@ def _per_sequence(feed: Callable[[int], None]) -> Callable[[int, int], None]:
     return lambda i, token: feed(token)
 
 
-__all__ = ["Chat", "ReplyStream", "Reply", "encoding", "message", "parse_reply", "render_prompt", "system_message"]
+__all__ = ["Chat", "Reply", "ReplyStream", "Tool", "ToolCall", "developer_message", "encoding", "message",
+           "parse_reply", "render_prompt", "system_message", "tool_message"]
