@@ -43,6 +43,24 @@ def test_spec_facts(tok):
     assert tok.is_special(199998) and not tok.is_special(199997)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts)
+def test_stream_decoder_pieces_join_to_the_text(tok, text):
+    ids = tok.encode(text)
+    feed = tok.stream_decoder()
+    pieces = [feed(i) for i in ids]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)  # no character was cut in two
+
+
+def test_stream_decoder_holds_split_characters(tok):
+    for ch in ("🦫", "𓀀", "ꙮ"):  # one character, several byte-level tokens
+        ids = tok.encode(ch)
+        assert len(ids) > 1
+        feed = tok.stream_decoder()
+        assert [feed(i) for i in ids] == [""] * (len(ids) - 1) + [ch]
+
+
 def test_special_text_is_plain_text_unless_allowed(tok):
     ids = tok.encode("<|start|>user")
     assert tok.start not in ids and tok.decode(ids) == "<|start|>user"

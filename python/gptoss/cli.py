@@ -50,9 +50,16 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
-    out = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                   stop_tokens=[tok.endoftext])[0]
-    print(args.prompt + tok.decode([t for t in out if t != tok.endoftext]))
+    print(args.prompt, end="", flush=True)
+    piece = tok.stream_decoder()  # the continuation is printed as it is generated
+
+    def show(_: int, token: int) -> None:
+        if token != tok.endoftext:
+            print(piece(token), end="", flush=True)
+
+    generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+             stop_tokens=[tok.endoftext], on_token=show)
+    print()
     return 0
 
 

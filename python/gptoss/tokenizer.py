@@ -7,13 +7,14 @@ harmony special tokens (ids 199998..201087, so n_vocab = 201088 = the model's vo
 folder serves openai-harmony, which reads `o200k_base.tiktoken` from TIKTOKEN_ENCODINGS_BASE
 (gptoss.harmony).
 """
+import codecs
 import functools
 import gzip
 import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import AbstractSet, List, Literal, Sequence, Union
+from typing import AbstractSet, Callable, List, Literal, Sequence, Union
 
 O200K_BASE_FILE = "o200k_base.tiktoken"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -129,6 +130,16 @@ class Tokenizer:
         if bad:
             raise ValueError(f"Tokenizer.decode: ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         return self.encoding.decode(ids, errors=errors)
+
+    def stream_decoder(self) -> Callable[[int], str]:
+        """A function that takes the tokens of a text one at a time and returns the text each one
+        completes: UTF-8 characters split across tokens come out whole, with the token that ends
+        them (so the pieces joined equal decode(tokens))."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def feed(token: int) -> str:
+            return utf8.decode(self.encoding.decode_single_token_bytes(int(token)))
+        return feed
 
     def is_special(self, token: int) -> bool:
         return int(token) >= self.startoftext
