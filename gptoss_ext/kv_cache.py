@@ -105,6 +105,26 @@ class KVCache:
         (a compiled or graph-captured step that ran `lengths.add_(n)` after check_room(n))."""
         self.host_lengths = [h + int(n) for h in self.host_lengths]
 
+    def max_rewind(self) -> int:
+        """How many tokens rewind() can take back: any number on a plain cache; on a ring, as long as
+        the ring still holds the window of the next step's first token (slots - window + 1)."""
+        return self.slots - self.window + 1 if self.ring else self.max_len
+
+    def rewind(self, n: int) -> None:
+        """Set every sequence back to its first n tokens, which stay cached (the later ones are
+        overwritten by the next writes): for a conversation that continues from a shared prefix.
+        Needs n <= every sequence's length, and on a ring n >= length - max_rewind()."""
+        n = int(n)
+        if not 0 <= n <= min(self.host_lengths):
+            raise ValueError(f"KVCache.rewind: n must be in [0, {min(self.host_lengths)}] (the shortest sequence), "
+                             f"got {n}")
+        if max(self.host_lengths) - n > self.max_rewind():
+            raise ValueError(f"KVCache.rewind: this sliding-window ring ({self.slots} slots, window {self.window}) "
+                             f"can take back at most {self.max_rewind()} tokens, asked for "
+                             f"{max(self.host_lengths) - n}")
+        self.lengths.fill_(n)
+        self.host_lengths = [n] * len(self.host_lengths)
+
     def reset(self) -> None:
         """Empty every sequence (the stored values are left to be overwritten)."""
         self.lengths.zero_()

@@ -196,3 +196,20 @@ def test_chat_tool_call_round_trip(model, tok, monkeypatch):
     assert "Need the weather." not in third and "It is 20 degrees in Paris.<|end|>" in third
     with pytest.raises(ValueError, match="was not a function call"):
         chat.send_tool_result("get_weather", "{}")
+
+
+def test_chat_reuses_its_kv_cache_across_turns(model):
+    """Each turn prefills only what its prompt adds to the cached tokens; the replies equal those
+    of a chat that prefills every prompt from scratch."""
+    turns = ["What is 2 + 2?", "And 3 + 3?", "Thanks."]
+    fresh = harmony.Chat(model, reasoning_effort="low", max_new_tokens=5, reuse_cache=False)
+    reuse = harmony.Chat(model, reasoning_effort="low", max_new_tokens=5)
+    for n, text in enumerate(turns):
+        a, b = fresh.send(text), reuse.send(text)
+        assert a.tokens == b.tokens
+        prompt_len = len(harmony.render_prompt(fresh.history[:-1]))  # this turn's prompt
+        assert fresh.last_prefill_tokens == prompt_len
+        if n == 0:
+            assert reuse.last_prefill_tokens == prompt_len
+        else:  # the earlier turns stay cached; the new user message and headers are prefilled
+            assert 0 < reuse.last_prefill_tokens < prompt_len // 2

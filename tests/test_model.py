@@ -167,6 +167,30 @@ def test_generate_streams_tokens_and_stops_per_sequence():
     assert len(out[1]) <= 3
 
 
+def test_generate_continues_in_rewound_caches():
+    """A conversation's pattern: generate, rewind the caches to a shared prefix, continue with
+    another prompt; equal to generating from scratch. The sliding layers' caches are rings here
+    (window 8, 64 slots for steps of up to 40 tokens, 200 positions)."""
+    from gptoss.generate import generate
+    model = Transformer.from_config(TINY, seed=17, dtype=torch.float32)
+    caches = model.new_caches(1, 200, max_step=40)
+    assert caches[0].ring and caches[0].max_rewind() == 64 - 8 + 1
+    p1 = torch.randint(0, TINY.vocab_size, (30,)).tolist()
+    out1 = generate(model, [p1], 8, caches=caches)
+    assert out1 == generate(model, [p1], 8)
+    assert caches[0].host_lengths == [30 + 8 - 1]  # the last token was never fed back
+    p2 = p1 + out1[0][:5] + torch.randint(0, TINY.vocab_size, (20,)).tolist()
+    for c in caches:
+        c.rewind(35)  # keep p1 and the first 5 new tokens
+    assert generate(model, [p2], 8, caches=caches) == generate(model, [p2], 8)
+    with pytest.raises(ValueError, match="at most 57 tokens"):
+        caches[0].rewind(caches[0].host_lengths[0] - 58)
+    with pytest.raises(ValueError, match="extend what its cache holds"):
+        generate(model, [p2[:10]], 2, caches=caches)
+    with pytest.raises(ValueError, match="exceed max_step"):  # the rest must fit one step of the rings
+        generate(model, [p2 + [1] * 60], 2, caches=caches)
+
+
 def test_last_only_logits_equal_the_full_logits_at_the_last_tokens():
     model = Transformer.from_config(TINY, seed=14, dtype=torch.float32)
     lens = [11, 4]

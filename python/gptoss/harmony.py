@@ -199,13 +199,19 @@ class Chat:
 
     def __init__(self, model, *, reasoning_effort: Effort = "medium", developer: Optional[str] = None,
                  tools: Sequence[Tool] = (), max_new_tokens: int = 512, temperature: float = 0.0,
-                 seed: Optional[int] = None, cuda_graph: Optional[bool] = None):
+                 seed: Optional[int] = None, cuda_graph: Optional[bool] = None, reuse_cache: bool = True):
         check_vocab(model.cfg.vocab_size)
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.seed = seed
         self.cuda_graph = cuda_graph
+        # The KV cache is kept between turns (reuse_cache): a turn prefills only what its prompt
+        # adds to the tokens cached so far (after rewinding to their common prefix).
+        self.reuse_cache = reuse_cache
+        self._caches = None
+        self._cached: List[int] = []
+        self.last_prefill_tokens = 0  # prompt tokens the last turn had to prefill
         self.history = [system_message(reasoning_effort)]
         if developer or tools:
             self.history.append(developer_message(developer, tools))
@@ -227,6 +233,27 @@ class Chat:
         self.history.append(tool_message(name, output))
         return self._respond(on_delta)
 
+    def _caches_for(self, prompt: List[int], context: int):
+        """The caches for this turn: the last turn's, rewound to the prefix it shares with `prompt`,
+        when they can take the rest; else new ones with room to grow."""
+        c = self._caches
+        if c is not None:
+            p = 0
+            for a, b in zip(self._cached, prompt):
+                if a != b:
+                    break
+                p += 1
+            p = min(p, len(prompt) - 1)  # at least one token is prefilled (its logits start the reply)
+            held = c[0].host_lengths[0]
+            if (p > 0 and len(prompt) + self.max_new_tokens <= c[0].max_len and len(prompt) - p <= c[0].max_step
+                    and all(held - p <= x.max_rewind() for x in c)):
+                for x in c:
+                    x.rewind(p)
+                return c
+        # room for this turn and as much again; a step as long as the prompt, or a long reply
+        max_len = min(context, max(2 * (len(prompt) + self.max_new_tokens), 1024))
+        return self.model.new_caches(1, max_len, max_step=max(len(prompt), self.max_new_tokens, 256))
+
     def _respond(self, on_delta) -> Reply:
         from .generate import generate
         prompt = render_prompt(self.history)
@@ -235,10 +262,15 @@ class Chat:
         if len(prompt) + self.max_new_tokens > limit:
             raise ValueError(f"Chat.send: the conversation ({len(prompt)} tokens) plus max_new_tokens "
                              f"({self.max_new_tokens}) exceeds the model's context ({int(limit)})")
+        caches = self._caches_for(prompt, int(limit))
+        self._caches = None  # until this turn completes: an interrupted one leaves nothing to reuse
+        self.last_prefill_tokens = len(prompt) - caches[0].host_lengths[0]
         out = generate(self.model, [prompt], self.max_new_tokens, temperature=self.temperature,
                        stop_tokens=encoding().stop_tokens_for_assistant_actions(), seed=self.seed,
-                       cuda_graph=self.cuda_graph,
+                       cuda_graph=self.cuda_graph, caches=caches,
                        on_token=None if on_delta is None else _per_sequence(ReplyStream(on_delta)))[0]
+        if self.reuse_cache:
+            self._caches, self._cached = caches, (prompt + out)[: caches[0].host_lengths[0]]
         reply = parse_reply(out)
         if reply.parsed and reply.complete and reply.messages and all(m.channel in CHANNELS for m in reply.messages):
             self.history.extend(reply.messages)  # a well-formed turn, kept as the model wrote it
