@@ -9,7 +9,7 @@ embedding lookup, biases, norms or the softmax). Attention FLOPs are 4 x heads x
 visible key and layer (q k^T and p v): a token at position p sees min(p + 1, window) keys on a
 sliding layer and p + 1 on a full one.
 """
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 from .checkpoint import checkpoint_nbytes, expected_shapes
 from .config import ModelConfig
@@ -195,18 +195,23 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
+def components(configs: Iterable[Config]) -> List[str]:
+    """The parameter components of all these configurations, each once, in model order."""
+    out: List[str] = []
+    for cfg in configs:
+        out += [c for c in parameter_breakdown(cfg) if c not in out]
+    return out
+
+
 def report(configs: Dict[str, Config], context: int = 4096, parameters: bool = True) -> str:
     """Markdown tables comparing the named configurations: parameters by component (unless
     parameters=False), active parameters and FLOPs per token, weights, KV cache and decode bytes at
     `context` tokens."""
     names = list(configs)
-    comps: List[str] = []
-    for cfg in configs.values():
-        for c in parameter_breakdown(cfg):
-            if c not in comps:
-                comps.append(c)
-    lines = [] if not parameters else ["### Parameters", "", "| component | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    comps = components(configs.values())
+    lines: List[str] = []
     if parameters:
+        lines += ["### Parameters", "", "| component | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for c in comps:
             lines.append(f"| {c} | " + " | ".join(f"{parameter_breakdown(cfg).get(c, 0):,}"
                                                  for cfg in configs.values()) + " |")
@@ -302,6 +307,6 @@ def named_config(name: str) -> Config:
     raise ValueError(f"unknown configuration {name!r}; known: {sorted(PRESETS) + sorted(GPT2_PRESETS)}")
 
 
-__all__ = ["study", "study_report", "active_parameters", "attention_flops", "decode_bytes_per_token", "flops_per_token", "forward_flops",
-           "kv_cache_bytes", "matrix_params_per_token", "named_config", "parameter_breakdown", "parameter_shapes",
-           "report", "weight_bytes"]
+__all__ = ["active_parameters", "attention_flops", "components", "decode_bytes_per_token", "flops_per_token",
+           "forward_flops", "kv_cache_bytes", "matrix_params_per_token", "named_config", "parameter_breakdown",
+           "parameter_shapes", "report", "study", "study_report", "weight_bytes"]

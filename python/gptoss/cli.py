@@ -40,16 +40,23 @@ def _load_model(args: argparse.Namespace):
                                        progress=not args.quiet)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+def _load_with_prompt(args: argparse.Namespace):
+    """(model, tokenizer, --prompt's token ids) for the commands that run a checkpoint on a text."""
     from .tokenizer import Tokenizer, check_vocab
 
     tok = Tokenizer()
+    ids = tok.encode(args.prompt or "")
+    if not ids:
+        raise ValueError("--prompt is empty")
     model = _load_model(args)
     check_vocab(model.cfg.vocab_size)
-    prompt = tok.encode(args.prompt)
-    if not prompt:
-        raise ValueError("--prompt is empty")
+    return model, tok, ids
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    model, tok, prompt = _load_with_prompt(args)
     print(args.prompt, end="", flush=True)
     piece = tok.stream_decoder()  # the continuation is printed as it is generated
 
@@ -107,13 +114,8 @@ def _study(args: argparse.Namespace) -> int:
     import torch
 
     from .analysis import study, study_report
-    from .tokenizer import Tokenizer, check_vocab
 
-    ids = Tokenizer().encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt is empty")
-    model = _load_model(args)
-    check_vocab(model.cfg.vocab_size)
+    model, _, ids = _load_with_prompt(args)
     stats = study(model, torch.tensor([ids], device=model.device))
     print(f"{len(ids)} tokens; per layer: the mean attention probability of the sinks (over heads and tokens, "
           f"and of the most sink-bound head), and how the router spread the tokens over the experts\n")
@@ -128,25 +130,27 @@ def _figures(args: argparse.Namespace) -> int:
 
     model = tokens = None
     if args.checkpoint:
-        from .tokenizer import Tokenizer, check_vocab
         if not args.prompt:
             raise ValueError("--checkpoint needs --prompt (the text the model is studied on)")
-        model = _load_model(args)
-        check_vocab(model.cfg.vocab_size)
-        tokens = torch.tensor([Tokenizer().encode(args.prompt)], device=model.device)
+        model, _, ids = _load_with_prompt(args)
+        tokens = torch.tensor([ids], device=model.device)
     for path in save_figures(args.out_dir, model, tokens, title=args.checkpoint or ""):
         print(path)
     return 0
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
+def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activations and dense weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (OpenAI or Hugging Face layout)")
+    _load_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, help="sampling seed (temperature > 0)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,9 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("out_dir")
     fg.add_argument("--checkpoint", help="also study this checkpoint on --prompt")
     fg.add_argument("--prompt")
-    fg.add_argument("--device")
-    fg.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    fg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _load_args(fg)
     fg.set_defaults(func=_figures)
     return parser
 

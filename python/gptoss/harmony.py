@@ -48,15 +48,14 @@ def system_message(reasoning_effort: Effort = "medium", *, model_identity: Optio
 
 def message(role: str, text: str, channel: Optional[str] = None):
     """A plain text message of `role` (developer text becomes the developer message's instructions)."""
-    from openai_harmony import DeveloperContent, Message, Role
+    from openai_harmony import Message, Role
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if not isinstance(text, str):
         raise TypeError(f"message text must be a str, got {type(text).__name__}")
     if role == "system":
         raise ValueError("use system_message() for the system message (it carries Harmony's required fields)")
-    content = DeveloperContent.new().with_instructions(text) if role == "developer" else text
-    msg = Message.from_role_and_content(Role(role), content)
+    msg = developer_message(text) if role == "developer" else Message.from_role_and_content(Role(role), text)
     return msg.with_channel(channel) if channel else msg
 
 

@@ -55,11 +55,8 @@ def parameter_breakdown(configs: Dict[str, analysis.Config]):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     names = list(configs)
-    comps: List[str] = []
-    for cfg in configs.values():
-        comps += [c for c in analysis.parameter_breakdown(cfg) if c not in comps]
     bottom = [0.0] * len(names)
-    for c in comps:
+    for c in analysis.components(configs.values()):
         vals = [analysis.parameter_breakdown(cfg).get(c, 0) / 1e9 for cfg in configs.values()]
         if any(vals):
             ax.bar(names, vals, bottom=bottom, label=c)
